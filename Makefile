@@ -1,0 +1,42 @@
+# The README's two commands: `make quickstart` and `make test`. Both build .venv first when it is
+# missing, so a fresh clone needs nothing but Python 3.10+.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ARCH   := $(shell uname -m)
+# torch must come first, from the pair that segment-anything's torchvision import works with
+# (see ../shared/ENVIRONMENT.md); any later package then finds torch satisfied.
+ifeq ($(ARCH),aarch64)
+TORCH_PINS ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+endif
+# DeepSpeed JIT-builds a small CPU op once; keep it between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+QUICK ?= quickstart
+
+.PHONY: venv test quickstart lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+quickstart: venv
+	$(BIN)/python -m sharding.synthetic --format sa-med2d $(QUICK)/corpus
+	$(BIN)/samadapt shard --format sa-med2d $(QUICK)/corpus $(QUICK)/shards \
+		--config configs/debug.yaml
+	$(BIN)/samadapt inspect $(QUICK)/shards --sheet $(QUICK)/contact_sheet.png
+
+lint: venv
+	$(BIN)/ruff check pipeline sharding launch tests bench
+
+clean:
+	rm -rf $(QUICK) runs .pytest_cache
