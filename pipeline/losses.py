@@ -1,0 +1,341 @@
+"""Training losses: SAM-Med2D's interactive loss and SAMed's semantic CE + Dice.
+
+Everything here is a tensor op on the device: no host round-trip, no Python loop over masks.
+The math runs in float32 (float64 inputs stay float64) with autocast switched off inside, so a
+bf16/fp16 forward pass still gets full-precision reductions over the ~65k pixels of each mask.
+
+Interactive loss (SAM-Med2D ``utils.py``, classes ``FocalLoss``, ``DiceLoss``, ``MaskIoULoss``,
+``FocalDiceloss_IoULoss``)::
+
+    p      = sigmoid(logits)
+    focal  = sum(-alpha * t * (1-p)^gamma * log(p + 1e-12)
+                 - (1-alpha) * (1-t) * p^gamma * log(1-p + 1e-12)) / (numel + 1e-12)
+    dice   = 1 - (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth)
+    iou    = (sum(p t) + 1e-7) / (sum(p) + sum(t) - sum(p t) + 1e-7)      (soft IoU, no threshold)
+    iou_l  = mean((iou - iou_pred)^2)
+    total  = 20 * focal + 1 * dice + 1 * iou_l
+
+SAM-Med2D sums over the WHOLE batch tensor (all masks at once), so its Dice and its IoU target are
+one number for the batch, not one per mask: ``reduction="batch"`` (the default) reproduces that.
+``reduction="per_mask"`` computes each term per mask and averages over masks (for focal the two
+agree, since every mask has the same pixel count). SAM-Med2D takes the loss on the logits
+upscaled to the input size (``train.py`` upsamples before calling the criterion), and the IoU
+target is not detached, so the IoU term also pushes on the mask logits (``detach_iou_target``
+changes that). One numerical (not mathematical) difference: ``1 - p`` is computed as
+``sigmoid(-logits)``, which avoids float32 cancellation for confident pixels.
+
+Semantic loss (SAMed ``trainer.py::calc_loss``, ``utils.py::DiceLoss``)::
+
+    total = (1 - w) * CE + w * Dice,  w = 0.8   ->  ce_weight 0.2, dice_weight 0.8
+    Dice  = mean over classes c of 1 - (2 sum(s_c y_c) + 1e-5) / (sum(s_c^2) + sum(y_c^2) + 1e-5)
+
+with ``s = softmax(logits)``, ``y`` the one-hot label, sums over the whole batch per class, and
+the mean over ALL ``C + 1`` classes, background included (SAMed's ``DiceLoss(num_classes + 1)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Reduction",
+    "ce_dice_loss",
+    "dice_loss",
+    "focal_loss",
+    "iou_mse_loss",
+    "sam_med2d_loss",
+    "select_best",
+    "soft_iou",
+]
+
+Reduction = Literal["batch", "per_mask"]
+_REDUCTIONS = ("batch", "per_mask")
+
+
+@contextlib.contextmanager
+def _full_precision(t: torch.Tensor) -> Iterator[None]:
+    """Switch autocast off for ``t``'s device type, so sums and logs run in the dtype we choose."""
+    with torch.autocast(device_type=t.device.type, enabled=False):
+        yield
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: half/bfloat16 (and integer/bool targets) become float32."""
+    if t.dtype == torch.float64:
+        return t
+    return t.float()
+
+
+def _check_pair(logits: torch.Tensor, target: torch.Tensor, name: str) -> None:
+    if logits.shape != target.shape:
+        raise ValueError(
+            f"{name}: logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape"
+        )
+    if logits.dim() < 2:
+        raise ValueError(f"{name}: expected (P, ...) masks, got shape {tuple(logits.shape)}")
+
+
+def _check_reduction(reduction: str, name: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    gamma: float = 2.0,
+    alpha: float = 0.25,
+    reduction: Reduction = "batch",
+) -> torch.Tensor:
+    """Sigmoid focal loss as SAM-Med2D defines it (``log(p + 1e-12)``, mean over pixels).
+
+    Arguments:
+      logits (torch.Tensor): (P, 1, H, W) mask logits (any (P, ...) shape works).
+      target (torch.Tensor): same shape, 0/1 ground truth (any dtype).
+      gamma (float): focusing exponent.
+      alpha (float): weight of the positive term; negatives get 1 - alpha.
+      reduction (str): "batch" = sum over the whole tensor / its element count (SAM-Med2D);
+        "per_mask" = the same per mask, then the mean over masks (equal up to rounding).
+
+    Returns:
+      (torch.Tensor): scalar loss, float32 (float64 for float64 inputs).
+    """
+    _check_pair(logits, target, "focal_loss")
+    _check_reduction(reduction, "focal_loss")
+    with _full_precision(logits):
+        x = _upcast(logits)
+        t = _upcast(target).to(x.dtype)
+        # 1 - p as sigmoid(-x): the same value, without float32 cancellation for confident pixels.
+        p, q = torch.sigmoid(x), torch.sigmoid(-x)
+        positive = -alpha * t * q**gamma * torch.log(p + 1e-12)
+        negative = -(1.0 - alpha) * (1.0 - t) * p**gamma * torch.log(q + 1e-12)
+        per_pixel = positive + negative
+        if reduction == "batch":
+            return per_pixel.sum() / (per_pixel.numel() + 1e-12)
+        flat = per_pixel.flatten(1)
+        return (flat.sum(1) / (flat.shape[1] + 1e-12)).mean()
+
+
+def dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    smooth: float = 1.0,
+    reduction: Reduction = "batch",
+) -> torch.Tensor:
+    """Soft Dice loss on sigmoid probabilities, as SAM-Med2D defines it.
+
+    Arguments:
+      logits (torch.Tensor): (P, 1, H, W) mask logits.
+      target (torch.Tensor): same shape, 0/1 ground truth.
+      smooth (float): added to numerator and denominator.
+      reduction (str): "batch" = one Dice over all masks' pixels together (SAM-Med2D);
+        "per_mask" = one Dice per mask, then the mean of the P losses.
+
+    Returns:
+      (torch.Tensor): scalar loss ``1 - dice``.
+    """
+    _check_pair(logits, target, "dice_loss")
+    _check_reduction(reduction, "dice_loss")
+    with _full_precision(logits):
+        p = torch.sigmoid(_upcast(logits))
+        t = _upcast(target).to(p.dtype)
+        if reduction == "batch":
+            inter, total = (p * t).sum(), p.sum() + t.sum()
+        else:
+            p, t = p.flatten(1), t.flatten(1)
+            inter, total = (p * t).sum(1), p.sum(1) + t.sum(1)
+        return (1.0 - (2.0 * inter + smooth) / (total + smooth)).mean()
+
+
+def soft_iou(
+    logits: torch.Tensor, target: torch.Tensor, *, reduction: Reduction = "batch"
+) -> torch.Tensor:
+    """Soft (unthresholded) IoU between sigmoid(logits) and the target, eps 1e-7 as SAM-Med2D.
+
+    Arguments:
+      logits (torch.Tensor): (P, 1, H, W) mask logits.
+      target (torch.Tensor): same shape, 0/1 ground truth.
+      reduction (str): "batch" = one IoU over all masks together, shape (); "per_mask" = (P,).
+
+    Returns:
+      (torch.Tensor): the IoU, shape () or (P,), with gradient to ``logits``.
+    """
+    _check_pair(logits, target, "soft_iou")
+    _check_reduction(reduction, "soft_iou")
+    with _full_precision(logits):
+        p = torch.sigmoid(_upcast(logits))
+        t = _upcast(target).to(p.dtype)
+        if reduction == "per_mask":
+            p, t = p.flatten(1), t.flatten(1)
+            dims: tuple[int, ...] = (1,)
+        else:
+            dims = tuple(range(p.dim()))
+        inter = (p * t).sum(dims)
+        union = p.sum(dims) + t.sum(dims) - inter
+        return (inter + 1e-7) / (union + 1e-7)
+
+
+def iou_mse_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    iou_pred: torch.Tensor,
+    *,
+    reduction: Reduction = "batch",
+    detach_iou_target: bool = False,
+) -> torch.Tensor:
+    """MSE between the decoder's predicted IoU and the soft IoU of its mask (SAM-Med2D).
+
+    Arguments:
+      logits (torch.Tensor): (P, 1, H, W) mask logits of the selected mask.
+      target (torch.Tensor): (P, 1, H, W) 0/1 ground truth.
+      iou_pred (torch.Tensor): (P, 1) predicted IoU of the selected mask.
+      reduction (str): "batch" = the target is ONE soft IoU over the whole batch, broadcast
+        against all P predictions (SAM-Med2D); "per_mask" = each mask's own soft IoU.
+      detach_iou_target (bool): stop the gradient through the IoU target into ``logits``
+        (SAM-Med2D does not).
+
+    Returns:
+      (torch.Tensor): scalar loss.
+    """
+    if iou_pred.shape != (logits.shape[0], 1):
+        raise ValueError(
+            f"iou_mse_loss: iou_pred must be (P, 1) = ({logits.shape[0]}, 1), "
+            f"got {tuple(iou_pred.shape)}"
+        )
+    iou = soft_iou(logits, target, reduction=reduction)
+    if detach_iou_target:
+        iou = iou.detach()
+    with _full_precision(logits):
+        pred = _upcast(iou_pred).to(iou.dtype)
+        if reduction == "per_mask":
+            iou = iou.unsqueeze(1)
+        return ((iou - pred) ** 2).mean()
+
+
+def sam_med2d_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    iou_pred: torch.Tensor,
+    *,
+    focal_weight: float = 20.0,
+    dice_weight: float = 1.0,
+    iou_weight: float = 1.0,
+    gamma: float = 2.0,
+    alpha: float = 0.25,
+    smooth: float = 1.0,
+    reduction: Reduction = "batch",
+    detach_iou_target: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SAM-Med2D's ``FocalDiceloss_IoULoss``: 20 focal + 1 dice + 1 IoU-MSE.
+
+    Arguments:
+      logits (torch.Tensor): (P, 1, H, W) logits of the selected mask (see ``select_best``);
+        SAM-Med2D upsamples them to the input size first.
+      target (torch.Tensor): (P, 1, H, W) 0/1 ground truth.
+      iou_pred (torch.Tensor): (P, 1) predicted IoU of the selected mask.
+      focal_weight, dice_weight, iou_weight (float): term weights.
+      gamma, alpha (float): focal parameters.
+      smooth (float): Dice smoothing.
+      reduction (str): "batch" (SAM-Med2D) or "per_mask", applied to all three terms.
+      detach_iou_target (bool): see ``iou_mse_loss``.
+
+    Returns:
+      total (torch.Tensor): scalar loss to backpropagate.
+      parts (dict[str, torch.Tensor]): "focal", "dice", "iou" unweighted terms, detached scalars
+        still on the device (log them without a sync by stacking first).
+    """
+    focal = focal_loss(logits, target, gamma=gamma, alpha=alpha, reduction=reduction)
+    dice = dice_loss(logits, target, smooth=smooth, reduction=reduction)
+    iou = iou_mse_loss(
+        logits, target, iou_pred, reduction=reduction, detach_iou_target=detach_iou_target
+    )
+    total = focal_weight * focal + dice_weight * dice + iou_weight * iou
+    return total, {"focal": focal.detach(), "dice": dice.detach(), "iou": iou.detach()}
+
+
+def select_best(
+    low_res_logits: torch.Tensor, iou_pred: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep, per prompt, the output mask with the highest predicted IoU (SAM-Med2D's multimask).
+
+    Arguments:
+      low_res_logits (torch.Tensor): (P, K, h, w) decoder logits, K = 3 with multimask, else 1.
+      iou_pred (torch.Tensor): (P, K) predicted IoUs.
+
+    Returns:
+      logits (torch.Tensor): (P, 1, h, w) the chosen mask (gradient flows to it only).
+      iou (torch.Tensor): (P, 1) its predicted IoU.
+      index (torch.Tensor): (P,) int64 chosen mask index; ties go to the lowest index.
+    """
+    if low_res_logits.dim() != 4 or iou_pred.shape != low_res_logits.shape[:2]:
+        raise ValueError(
+            f"select_best: need logits (P, K, h, w) and iou_pred (P, K), got "
+            f"{tuple(low_res_logits.shape)} and {tuple(iou_pred.shape)}"
+        )
+    p, _, h, w = low_res_logits.shape
+    index = iou_pred.argmax(dim=1)
+    logits = low_res_logits.gather(1, index.view(p, 1, 1, 1).expand(p, 1, h, w))
+    iou = iou_pred.gather(1, index.view(p, 1))
+    return logits, iou, index
+
+
+def ce_dice_loss(
+    logits: torch.Tensor,
+    label: torch.Tensor,
+    *,
+    ce_weight: float = 0.2,
+    dice_weight: float = 0.8,
+    smooth: float = 1e-5,
+    ignore_background_in_dice: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy + multi-class soft Dice for prompt-free (semantic) heads, as SAMed.
+
+    SAMed: ``0.2 * CE + 0.8 * Dice`` (its ``dice_param`` 0.8), Dice on softmax scores with squared
+    terms in the denominator, smooth 1e-5, summed over the whole batch per class and averaged over
+    all classes including background. ``ignore_background_in_dice=True`` averages over the
+    foreground classes 1..C only.
+
+    Arguments:
+      logits (torch.Tensor): (B, C+1, H, W) class logits, channel 0 = background.
+      label (torch.Tensor): (B, H, W) int64 class index per pixel, in [0, C].
+      ce_weight, dice_weight (float): term weights.
+      smooth (float): Dice smoothing.
+      ignore_background_in_dice (bool): leave class 0 out of the Dice mean.
+
+    Returns:
+      total (torch.Tensor): scalar loss.
+      parts (dict[str, torch.Tensor]): "ce" and "dice" unweighted terms, detached.
+    """
+    if logits.dim() != 4 or label.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            f"ce_dice_loss: need logits (B, C+1, H, W) and label (B, H, W), got "
+            f"{tuple(logits.shape)} and {tuple(label.shape)}"
+        )
+    if label.dtype != torch.int64:
+        raise ValueError(f"ce_dice_loss: label must be int64 class indices, got {label.dtype}")
+    n_classes = logits.shape[1]
+    if ignore_background_in_dice and n_classes < 2:
+        raise ValueError("ce_dice_loss: ignore_background_in_dice needs at least 2 channels")
+    with _full_precision(logits):
+        x = _upcast(logits)
+        ce = F.cross_entropy(x, label)
+        score = torch.softmax(x, dim=1)
+        # One-hot by comparison (F.one_hot checks the label range with a host sync on CUDA).
+        classes = torch.arange(n_classes, device=label.device).view(1, n_classes, 1, 1)
+        onehot = (label.unsqueeze(1) == classes).to(score.dtype)
+        dims = (0, 2, 3)
+        inter = (score * onehot).sum(dims)
+        denom = (score * score).sum(dims) + (onehot * onehot).sum(dims)
+        per_class = 1.0 - (2.0 * inter + smooth) / (denom + smooth)
+        if ignore_background_in_dice:
+            per_class = per_class[1:]
+        dice = per_class.mean()
+        total = ce_weight * ce + dice_weight * dice
+    return total, {"ce": ce.detach(), "dice": dice.detach()}
