@@ -156,6 +156,13 @@ class DataConfig:
     slices: int = 1
     """Adjacent slices per stack for the 3D reader (odd; MA-SAM uses 3 or 5)."""
     seed: int = 0
+    resampled: bool = False
+    """Training draws shards with replacement, epoch = ceil(samples / (batch_size * ranks))
+    batches per rank (open_clip's --dataset-resampled); False = each sample once per epoch, with
+    a resampled top-up so that every rank takes the same number of steps (pipeline/data/stream.py).
+    """
+    foreground_only: bool = False
+    """3D reader: only slices whose (centre) label has foreground."""
 
     def __post_init__(self) -> None:
         _require(self.image_size >= 16, "image_size", "must be >= 16")
@@ -168,11 +175,23 @@ class DataConfig:
         _require(self.slices >= 1 and self.slices % 2 == 1, "slices", "must be odd and >= 1")
 
 
+# SAM encoder shapes: arch -> (embed_dim, depth, num_heads, global_attn_indexes). Meta's values for
+# vit_b/l/h (segment_anything/build_sam.py); "tiny" is the CPU test size.
+SAM_ARCHS: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
+    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+    "tiny": (64, 2, 2, (1,)),
+}
+PEFT_METHODS = ("sam_med2d_adapter", "msa_adapter", "lora", "fact", "adapter3d")
+
+
 @dataclass
 class ModelConfig:
     """SAM + PEFT methods + head. Built by ``pipeline.model``."""
 
     arch: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b"
+    """Encoder size: Meta's vit_b / vit_l / vit_h, or tiny (depth 2, width 64) for tests."""
     image_size: int = 256
     """Encoder input size; position embeddings are resized from the checkpoint's."""
     checkpoint: str = ""
@@ -186,42 +205,127 @@ class ModelConfig:
     global_attn_indexes: list[int] = field(default_factory=list)
     """Global-attention blocks override (empty = from arch)."""
     window_size: int = 14
+    """Window of the windowed-attention blocks, in tokens (SAM: 14)."""
     peft: list[str] = field(default_factory=lambda: ["sam_med2d_adapter"])
-    """Any subset of: sam_med2d_adapter, msa_adapter, lora, fact, adapter3d."""
+    """Any subset of: sam_med2d_adapter, msa_adapter, lora, fact, adapter3d (empty = frozen
+    encoder)."""
     peft_blocks: list[int] = field(default_factory=list)
     """Encoder blocks that get PEFT modules (empty = all)."""
+    peft_method_blocks: dict[str, list[int]] = field(default_factory=dict)
+    """Per-method override of peft_blocks, e.g. {lora: [8, 9, 10, 11]}; methods not named here
+    use peft_blocks."""
     lora_rank: int = 4
+    """Rank of LoRA on q and v (SAMed: 4)."""
     fact_rank: int = 32
+    """Rank of FacT-TT on q and v (MA-SAM: 32)."""
+    fact_dropout: float = 0.1
+    """Dropout on the FacT core outputs in training (MA-SAM: 0.1)."""
     adapter3d_dim: int = 384
+    """Bottleneck width of the 3D adapters (MA-SAM: 384 for ViT-B/H)."""
     slices: int = 1
     """Adjacent slices stacked in the batch for adapter3d / msa depth branch (D)."""
     head: Literal["sam", "auto", "cnn", "linear"] = "sam"
+    """sam: promptable (prompt encoder + mask decoder); auto: AutoSAM decoder with one mask token
+    per class; cnn: light UNet-like decoder; linear: per-pixel linear layer."""
     num_classes: int = 1
-    """Foreground classes of prompt-free heads (auto, cnn, linear)."""
+    """Foreground classes of prompt-free heads (auto, cnn, linear); they output num_classes + 1
+    channels, channel 0 = background."""
     multimask: bool = True
+    """Default of decode(multimask=...): 3 masks + IoU predictions instead of 1."""
     progressive_upsampling: bool = False
     """MA-SAM's progressive upsampling to full resolution (head=auto)."""
     train_prompt_encoder: bool = True
+    """Train SAM's prompt encoder (head=sam)."""
     train_mask_decoder: bool = True
+    """Train SAM's mask decoder (head=sam, or the AutoSAM decoder for head=auto)."""
     activation_checkpointing: bool = False
+    """Recompute encoder blocks in the backward pass instead of storing their activations."""
+    activation_checkpointing_blocks: list[int] = field(default_factory=list)
+    """Blocks recomputed when activation_checkpointing is on (empty = all)."""
+    autocast_bf16: bool = False
+    """Run the model under torch.autocast(bfloat16) (weights stay fp32)."""
     compile: bool = False
+    """torch.compile the image encoder."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor; eager or aot_eager to debug)."""
     fused_attention: bool = False
+    """Encoder attention through scaled_dot_product_attention, with SAM's decomposed
+    relative-position terms passed as an additive attn_mask."""
+
+    def encoder_spec(self) -> tuple[int, int, int, tuple[int, ...]]:
+        """(embed_dim, depth, num_heads, global_attn_indexes) after the overrides."""
+        dim, depth, heads, glob = SAM_ARCHS[self.arch]
+        if self.global_attn_indexes:
+            glob = tuple(self.global_attn_indexes)
+        return (self.embed_dim or dim, self.depth or depth, self.num_heads or heads, glob)
+
+    def blocks_for(self, method: str) -> list[int]:
+        """Encoder blocks that get ``method`` (sorted)."""
+        depth = self.encoder_spec()[1]
+        chosen = self.peft_method_blocks.get(method) or self.peft_blocks or range(depth)
+        return sorted(set(chosen))
 
     def __post_init__(self) -> None:
-        known = {"sam_med2d_adapter", "msa_adapter", "lora", "fact", "adapter3d"}
         for name in self.peft:
-            _require(name in known, "peft", f"unknown PEFT method {name!r} (known: {sorted(known)})")
+            _require(
+                name in PEFT_METHODS,
+                "peft",
+                f"unknown PEFT method {name!r} (known: {', '.join(PEFT_METHODS)})",
+            )
         _require(len(set(self.peft)) == len(self.peft), "peft", "lists a method twice")
         _require(self.image_size % 16 == 0, "image_size", "must be a multiple of 16")
+        _require(self.image_size >= 32, "image_size", "must be >= 32")
+        for key in ("embed_dim", "depth", "num_heads"):
+            _require(getattr(self, key) >= 0, key, "must be >= 0 (0 = from arch)")
+        dim, depth, heads, glob = self.encoder_spec()
+        _require(
+            dim % heads == 0, "num_heads", f"({heads}) must divide the encoder width ({dim})"
+        )
+        _require(
+            all(0 <= i < depth for i in glob),
+            "global_attn_indexes",
+            f"{list(glob)} must be block indexes in [0, {depth}) (depth {depth}; set "
+            "global_attn_indexes when overriding depth)",
+        )
+        _require(self.window_size >= 0, "window_size", "must be >= 0 (0 = global everywhere)")
+        _require(
+            all(0 <= i < depth for i in self.peft_blocks),
+            "peft_blocks",
+            f"{self.peft_blocks} must be block indexes in [0, {depth})",
+        )
+        for name, blocks in self.peft_method_blocks.items():
+            _require(
+                name in self.peft,
+                "peft_method_blocks",
+                f"names {name!r}, which is not in peft {self.peft}",
+            )
+            _require(
+                all(0 <= i < depth for i in blocks),
+                "peft_method_blocks",
+                f"{name}: {blocks} must be block indexes in [0, {depth})",
+            )
+        _require(
+            all(0 <= i < depth for i in self.activation_checkpointing_blocks),
+            "activation_checkpointing_blocks",
+            f"{self.activation_checkpointing_blocks} must be block indexes in [0, {depth})",
+        )
         _require(self.lora_rank >= 1, "lora_rank", "must be >= 1")
         _require(self.fact_rank >= 1, "fact_rank", "must be >= 1")
+        _require(0.0 <= self.fact_dropout < 1.0, "fact_dropout", "must be in [0, 1)")
+        _require(self.adapter3d_dim >= 1, "adapter3d_dim", "must be >= 1")
         _require(self.num_classes >= 1, "num_classes", "must be >= 1")
         _require(self.slices >= 1, "slices", "must be >= 1")
+        _require(
+            not self.progressive_upsampling or self.head == "auto",
+            "progressive_upsampling",
+            f"is an option of head=auto (head is {self.head!r})",
+        )
+        _require(bool(self.compile_backend), "compile_backend", "must not be empty")
 
 
 @dataclass
 class TrainConfig:
-    """The training loop (``samadapt train``)."""
+    """The training loop (``samadapt train``), its optimizer, DeepSpeed engine and checkpoints."""
 
     steps: int = 1000
     """Optimizer iterations (batches); streams are endless, so we count steps, not epochs."""
@@ -229,16 +333,39 @@ class TrainConfig:
     interaction_steps: int = 9
     """1 prompt step + (n - 1) decoder-only re-prompt steps (SAM-Med2D: 9)."""
     lr: float = 1e-4
+    """Peak learning rate of AdamW (reached after warm-up)."""
     weight_decay: float = 1e-4
+    """AdamW decoupled weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
     warmup_steps: int = 0
+    """Linear warm-up (SAMed): the rate is lr * (step + 1) / warmup_steps for the first steps."""
     schedule: Literal["constant", "cosine", "poly"] = "constant"
+    """Decay after warm-up, over the remaining steps down to lr * min_lr_ratio."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine / poly decay, as a fraction of lr."""
+    poly_power: float = 0.9
+    """Exponent of the poly decay (SAMed: 0.9)."""
     grad_clip: float = 0.0
+    """Clip the global gradient norm to this value (0 = off)."""
     grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (DeepSpeed gradient_accumulation_steps)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """bf16/fp16 mixed precision (fp16 needs a GPU; bf16 also runs on CPU, slowly)."""
     zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0, 1, 2 or 3 (3 partitions the weights too)."""
     offload: bool = False
+    """Keep optimizer states on the CPU (ZeRO-Offload); needs zero_stage >= 1."""
     log_every: int = 10
     checkpoint_every: int = 200
+    """Save a checkpoint every this many steps (0 = only at the end and on SIGTERM/SIGUSR1)."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept in RUN_DIR/checkpoints (older ones are deleted; 0 = keep all)."""
+    save_frozen: bool = False
+    """Also store frozen weights in checkpoints (default: trainable only; frozen weights come
+    from model.checkpoint, so the model must be built the same way on resume)."""
     val_every: int = 0
     resume: str = ""
     """'' = fresh, 'auto' = latest complete checkpoint in run_dir, or a checkpoint path."""
@@ -247,10 +374,32 @@ class TrainConfig:
         _require(self.steps >= 1, "steps", "must be >= 1")
         _require(self.interaction_steps >= 1, "interaction_steps", "must be >= 1")
         _require(self.lr > 0, "lr", "must be > 0")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(
+            len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+            "adam_betas",
+            f"must be [beta1, beta2] each in [0, 1), got {self.adam_betas}",
+        )
+        _require(self.adam_eps > 0, "adam_eps", "must be > 0")
+        _require(
+            0 <= self.warmup_steps <= self.steps,
+            "warmup_steps",
+            f"must be in [0, steps={self.steps}], got {self.warmup_steps}",
+        )
+        _fraction(self.min_lr_ratio, "min_lr_ratio")
+        _require(self.poly_power > 0, "poly_power", "must be > 0")
+        _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
         _require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+        _require(
+            not (self.offload and self.zero_stage == 0),
+            "offload",
+            "needs zero_stage >= 1 (ZeRO-Offload moves the partitioned optimizer states)",
+        )
         _require(self.log_every >= 1, "log_every", "must be >= 1")
         _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        _require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 = keep all)")
+        _require(self.val_every >= 0, "val_every", "must be >= 0")
 
 
 @dataclass
@@ -289,11 +438,22 @@ class LaunchConfig:
 
 @dataclass
 class TrackingConfig:
+    """MLflow tracking, done by rank 0 only."""
+
     enabled: bool = True
     uri: str = ""
     """MLflow tracking URI; empty = sqlite store under the run directory (no server needed)."""
     experiment: str = "samadapt"
+    """Experiment name; the runs of a sweep share one, so the MLflow UI compares them."""
     run_name: str = ""
+    """Run name shown in the UI; empty = the run directory's name."""
+    artifact_location: str = ""
+    """Artifact root of a new experiment; empty = RUN_DIR/mlartifacts for the default store,
+    the folder of the database + /mlartifacts for another sqlite URI, the server's otherwise."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.experiment.strip()), "experiment", "must not be empty")
+        _require(len(self.experiment) <= 500, "experiment", "must be at most 500 characters")
 
 
 @dataclass
