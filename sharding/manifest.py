@@ -1,0 +1,269 @@
+"""The files that describe a finished shard set, and the checks that read them back.
+
+* ``atomic_write_*``: every file of the output folder is written as ``NAME.tmp-<pid>`` and renamed,
+  so a reader (or a killed run) never sees half a file.
+* ``finalize``: merges the per-shard sidecars into ``manifest.json``, ``summary.json`` and
+  ``rejected.jsonl`` (all sorted, no timestamps: an interrupted and resumed run, a job array and a
+  single run all give byte-identical files).
+* ``load_manifest`` / ``verify_shards``: for ``samadapt inspect``, the data reader and tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sharding.format import FORMAT_VERSION, SPLITS
+
+if TYPE_CHECKING:
+    from sharding.plan import Plan
+
+__all__ = [
+    "FORMAT_NAME",
+    "MANIFEST_FILE",
+    "REJECTED_FILE",
+    "SUMMARY_FILE",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "empty_counts",
+    "file_sha256",
+    "finalize",
+    "load_manifest",
+    "load_summary",
+    "merge_counts",
+    "reason_category",
+    "verify_shards",
+]
+
+FORMAT_NAME = "samadapt-webdataset"
+MANIFEST_FILE = "manifest.json"
+SUMMARY_FILE = "summary.json"
+REJECTED_FILE = "rejected.jsonl"
+_HASH_BLOCK = 1 << 20
+_NUMBER = re.compile(r"\d+")
+
+
+def tmp_name(path: Path) -> Path:
+    """``path`` + ``.tmp-<pid>``: the name a file is written under before its rename."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Counts (per shard in the sidecar, merged into summary.json)
+# --------------------------------------------------------------------------------------------
+
+
+def empty_counts() -> dict[str, Any]:
+    """The per-shard summary counters (all zero)."""
+    return {
+        "samples": 0,
+        "masks": 0,
+        "units": 0,
+        "units_rejected": 0,
+        "empty_kept": 0,
+        "empty_dropped": 0,
+        "by_split": {},
+        "by_dataset": {},
+        "by_modality": {},
+        "by_class": {},
+        "rejected": 0,
+        "rejected_by_reason": {},
+    }
+
+
+def merge_counts(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Add the counters of ``part`` into ``total`` (numbers add, mappings merge recursively)."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            merge_counts(total.setdefault(key, {}), value)
+        else:
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def reason_category(reason: str) -> str:
+    """The kind of a rejection reason, for counts: its text before the first ':' or '(', with
+    numbers replaced by N ("image has 3 NaN/Inf voxels" -> "image has N NaN/Inf voxels")."""
+    head = reason
+    for sep in (":", "("):
+        head = head.split(sep, 1)[0]
+    return _NUMBER.sub("N", head).strip()[:80] or "unknown"
+
+
+def _sorted_counts(counts: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_sorted_counts(v) if isinstance(v, dict) else v) for k, v in sorted(counts.items())}
+
+
+# --------------------------------------------------------------------------------------------
+# Finalize
+# --------------------------------------------------------------------------------------------
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=False) + "\n"
+
+
+def finalize(output: str | os.PathLike, plan: Plan, sidecars: Iterable[dict]) -> dict:
+    """Write ``manifest.json``, ``summary.json`` and ``rejected.jsonl`` from the sidecars.
+
+    Arguments:
+      output: the output folder.
+      plan: the plan (all of whose shards are complete).
+      sidecars: the sidecar dicts of every shard of the plan (any order).
+
+    Returns:
+      The manifest dict. Files whose content would not change are left untouched.
+    """
+    output = Path(output)
+    by_index = {int(s["index"]): s for s in sidecars}
+    shards, rejections = [], []
+    totals = {"samples": 0, "shards": 0, "bytes": 0, "by_split": {}}
+    counts = empty_counts()
+    for spec in plan.shards:
+        side = by_index[spec.index]
+        shards.append(
+            {
+                "index": spec.index,
+                "split": spec.split,
+                "path": spec.relpath(),
+                "samples": side["samples"],
+                "bytes": side["bytes"],
+                "sha256": side["sha256"],
+            }
+        )
+        per_split = totals["by_split"].setdefault(
+            spec.split, {"samples": 0, "shards": 0, "bytes": 0}
+        )
+        for bucket in (totals, per_split):
+            bucket["samples"] += side["samples"]
+            bucket["shards"] += 1
+            bucket["bytes"] += side["bytes"]
+        merge_counts(counts, side["counts"])
+        rejections.extend(side["rejections"])
+    totals["by_split"] = {s: totals["by_split"][s] for s in SPLITS if s in totals["by_split"]}
+    totals["rejected"] = counts["rejected"]
+    volumes = sorted(f"volumes/{p.name}" for p in (output / "volumes").glob("*.zarr") if p.is_dir())
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "input_format": plan.format,
+        "input": plan.input,
+        "image_size": plan.settings["image_size"],
+        "resize": plan.settings["resize"],
+        "inputs_per_shard": plan.inputs_per_shard,
+        "sharding": plan.settings,
+        "totals": totals,
+        "volumes": volumes,
+        "shards": shards,
+    }
+    summary = _sorted_counts(counts)
+    summary["shards"] = len(shards)
+    lines = sorted(json.dumps(r, sort_keys=True) for r in rejections)
+    _write_if_changed(output / REJECTED_FILE, "".join(line + "\n" for line in lines))
+    _write_if_changed(output / SUMMARY_FILE, _dump(summary))
+    # the manifest last: its presence means the whole set is complete
+    _write_if_changed(output / MANIFEST_FILE, _dump(manifest))
+    return manifest
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if path.exists() and path.read_text() == text:
+        return
+    atomic_write_text(path, text)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading back
+# --------------------------------------------------------------------------------------------
+
+
+def load_manifest(output: str | os.PathLike) -> dict:
+    """Read ``OUTPUT/manifest.json``.
+
+    Returns:
+      The manifest dict. Raises ``FileNotFoundError`` / ``ValueError`` with a message naming the
+      folder when there is none or it cannot be parsed.
+    """
+    path = Path(output) / MANIFEST_FILE
+    if not Path(output).is_dir():
+        raise FileNotFoundError(f"{output} is not a folder: give the OUTPUT of samadapt shard")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{output} has no {MANIFEST_FILE}: run samadapt shard first (or let it finish: the "
+            "manifest is written when every shard of the plan is complete)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
+    if manifest.get("format") != FORMAT_NAME or "shards" not in manifest:
+        raise ValueError(f"{path} is not a samadapt shard manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {manifest.get('format_version')}, this samadapt reads "
+            f"{FORMAT_VERSION}: reshard"
+        )
+    return manifest
+
+
+def load_summary(output: str | os.PathLike) -> dict:
+    path = Path(output) / SUMMARY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{output} has no {SUMMARY_FILE}: run samadapt shard first")
+    return json.loads(path.read_text())
+
+
+def verify_shards(output: str | os.PathLike) -> list[str]:
+    """Recompute every shard's size and sha256 and compare with the manifest.
+
+    Arguments:
+      output: the output folder of ``samadapt shard``.
+
+    Returns:
+      One message per bad shard, each naming the shard path (empty list = all good).
+    """
+    output = Path(output)
+    bad = []
+    for shard in load_manifest(output)["shards"]:
+        path = output / shard["path"]
+        if not path.is_file():
+            bad.append(f"{shard['path']}: missing")
+            continue
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            bad.append(f"{shard['path']}: {size} bytes, manifest says {shard['bytes']}")
+            continue
+        digest = file_sha256(path)
+        if digest != shard["sha256"]:
+            bad.append(f"{shard['path']}: sha256 {digest} != manifest {shard['sha256']}")
+    return bad

@@ -1,0 +1,305 @@
+"""The shard plan: which input unit goes to which split and which shard, fixed at the first run.
+
+The plan is a pure function of the sorted unit list and the sharding settings:
+
+* the split is decided per **case** (patient), never per slice or image: the first 8 bytes of
+  ``sha1(f"{dataset}/{case_id}")`` as a fraction ``u`` in [0, 1) give ``val`` when
+  ``u < val_fraction``, ``test`` when ``u < val_fraction + test_fraction``, else ``train``;
+* within a split the units (sorted by id) are cut into shards of ``inputs_per_shard`` units; when
+  that setting is 0 it is estimated once, from the encoded size of the first (up to 8) units of the
+  sorted list, so that shards come out near ``shard_size_mb``;
+* shards are numbered **globally**, one numbering across splits in the order train, val, test, so
+  shard ``i`` is ``OUT/{split}/shard-{i:06d}.tar`` and ``--shard-range i:j`` (half-open) is one
+  slice of the whole job, as a Slurm job array wants.
+
+``plan.json`` is written once (temp file + rename). A rerun reads it back and checks that the unit
+list and every setting that changes shard content are unchanged; if not it stops with a message
+naming the difference instead of silently resharding into a mixed set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import ShardingConfig
+from sharding.format import FORMAT_VERSION, SPLITS, shard_name
+from sharding.manifest import atomic_write_text
+from sharding.records import Unit
+
+__all__ = [
+    "ESTIMATE_UNITS",
+    "PLAN_FILE",
+    "Plan",
+    "PlanMismatch",
+    "ShardSpec",
+    "load_or_create_plan",
+    "make_plan",
+    "plan_settings",
+    "split_of",
+]
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+ESTIMATE_UNITS = 8
+"""Units encoded to estimate bytes per unit when ``inputs_per_shard`` is 0."""
+_IGNORED_SETTINGS = ("workers",)
+"""ShardingConfig fields that do not change what is written (everything else is checked)."""
+
+
+class PlanMismatch(ValueError):
+    """plan.json in the output folder was made from other inputs or other settings."""
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard of the plan: its global index, split and input units (sorted by id)."""
+
+    index: int
+    split: str
+    units: tuple[Unit, ...]
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index)
+
+    def tar_path(self, output: Path) -> Path:
+        return Path(output) / self.split / f"{self.name}.tar"
+
+    def sidecar_path(self, output: Path) -> Path:
+        return Path(output) / self.split / f"{self.name}.json"
+
+    def relpath(self) -> str:
+        """Path of the tar relative to the output folder (as written in manifest.json)."""
+        return f"{self.split}/{self.name}.tar"
+
+
+@dataclass
+class Plan:
+    """The whole job: settings it was made with and the shards in global order."""
+
+    format: str
+    input: str
+    settings: dict
+    inputs_per_shard: int
+    """Resolved units per shard (the estimate when the setting was 0)."""
+    shards: list[ShardSpec]
+
+    def select(self, shard_range: tuple[int, int] | None) -> list[ShardSpec]:
+        """Shards with global index in the half-open ``shard_range`` (all when None)."""
+        if shard_range is None:
+            return list(self.shards)
+        lo, hi = shard_range
+        return [s for s in self.shards if lo <= s.index < hi]
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "format": self.format,
+            "input": self.input,
+            "settings": self.settings,
+            "inputs_per_shard": self.inputs_per_shard,
+            "units": sum(len(s.units) for s in self.shards),
+            "shards": [
+                {"index": s.index, "split": s.split, "units": [u.id for u in s.units]}
+                for s in self.shards
+            ],
+        }
+
+
+def split_of(dataset: str, case_id: str, *, val_fraction: float, test_fraction: float) -> str:
+    """The split of one case, by hash of ``dataset/case_id`` (stable across runs and machines).
+
+    Arguments:
+      dataset, case_id: the case (all images/slices of a patient share it).
+      val_fraction, test_fraction: expected fractions of cases in val and test.
+
+    Returns:
+      "train", "val" or "test".
+    """
+    digest = hashlib.sha1(f"{dataset}/{case_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def plan_settings(fmt: str, cfg: ShardingConfig) -> dict:
+    """Every setting that changes the shards' content or layout (checked again on reruns)."""
+    values = dataclasses.asdict(cfg)
+    out = {"format": fmt, "format_version": FORMAT_VERSION}
+    out.update({k: v for k, v in sorted(values.items()) if k not in _IGNORED_SETTINGS})
+    return out
+
+
+def make_plan(
+    units: Sequence[Unit],
+    *,
+    fmt: str,
+    input_path: str,
+    cfg: ShardingConfig,
+    bytes_per_unit: Callable[[list[Unit]], float] | None = None,
+) -> Plan:
+    """Assign units to splits and shards.
+
+    Arguments:
+      units: all input units (sorted here by id; ids must be unique).
+      fmt: reader format name (recorded and checked on reruns).
+      input_path: the corpus root (recorded for people; reruns check units, not the path).
+      cfg: the sharding section.
+      bytes_per_unit: called with the first ``ESTIMATE_UNITS`` units when
+        ``cfg.inputs_per_shard`` is 0; returns their mean encoded size in bytes.
+
+    Returns:
+      The ``Plan``; shards numbered globally in split order train, val, test.
+    """
+    ordered = sorted(units, key=lambda u: u.id)
+    ids = [u.id for u in ordered]
+    dupes = sorted({i for i, j in zip(ids, ids[1:], strict=False) if i == j})
+    if dupes:
+        raise PlanMismatch(f"the reader listed unit ids more than once: {dupes[:5]}")
+    per_shard = cfg.inputs_per_shard
+    if per_shard == 0:
+        per_shard = _estimate_per_shard(ordered, cfg=cfg, bytes_per_unit=bytes_per_unit)
+    by_split: dict[str, list[Unit]] = {s: [] for s in SPLITS}
+    for unit in ordered:
+        split = split_of(
+            unit.dataset,
+            unit.case_id,
+            val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction,
+        )
+        by_split[split].append(unit)
+    shards: list[ShardSpec] = []
+    for split in SPLITS:
+        members = by_split[split]
+        for start in range(0, len(members), per_shard):
+            chunk = tuple(members[start : start + per_shard])
+            shards.append(ShardSpec(index=len(shards), split=split, units=chunk))
+    return Plan(
+        format=fmt,
+        input=str(input_path),
+        settings=plan_settings(fmt, cfg),
+        inputs_per_shard=per_shard,
+        shards=shards,
+    )
+
+
+def _estimate_per_shard(
+    units: list[Unit],
+    *,
+    cfg: ShardingConfig,
+    bytes_per_unit: Callable[[list[Unit]], float] | None,
+) -> int:
+    if bytes_per_unit is None:
+        raise ValueError("inputs_per_shard is 0: an estimator (bytes_per_unit) is needed")
+    sample = units[:ESTIMATE_UNITS]
+    mean = float(bytes_per_unit(sample)) if sample else 0.0
+    if mean <= 0:
+        # nothing usable among the first units: one shard per split is as good a guess as any
+        return max(1, len(units))
+    per_shard = max(1, math.floor(cfg.shard_size_mb * 1e6 / mean))
+    log.info(
+        "estimated %.0f bytes per input from %d inputs: %d inputs per shard (~%.0f MB)",
+        mean,
+        len(sample),
+        per_shard,
+        cfg.shard_size_mb,
+    )
+    return per_shard
+
+
+def load_or_create_plan(
+    output: Path,
+    units: Sequence[Unit],
+    *,
+    fmt: str,
+    input_path: str,
+    cfg: ShardingConfig,
+    bytes_per_unit: Callable[[list[Unit]], float] | None = None,
+) -> Plan:
+    """Read ``OUTPUT/plan.json`` and check it against this run, or make and write it.
+
+    Arguments:
+      output: the output folder.
+      units: the reader's current unit list.
+      fmt, input_path, cfg, bytes_per_unit: as for ``make_plan``.
+
+    Returns:
+      The plan, whose shards hold the reader's current ``Unit`` objects.
+      Raises ``PlanMismatch`` naming the setting or units that differ from plan.json.
+    """
+    path = Path(output) / PLAN_FILE
+    if not path.exists():
+        plan = make_plan(
+            units, fmt=fmt, input_path=input_path, cfg=cfg, bytes_per_unit=bytes_per_unit
+        )
+        atomic_write_text(path, json.dumps(plan.to_json(), indent=1) + "\n")
+        log.info("planned %d shards of %d inputs -> %s", len(plan.shards), len(units), path)
+        return plan
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PlanMismatch(f"{path}: cannot be read ({err}); move it away to plan again") from err
+    return _check_saved(saved, path, units, fmt=fmt, cfg=cfg)
+
+
+def _check_saved(
+    saved: dict, path: Path, units: Sequence[Unit], *, fmt: str, cfg: ShardingConfig
+) -> Plan:
+    expected = plan_settings(fmt, cfg)
+    recorded = saved.get("settings", {})
+    for key in sorted(set(expected) | set(recorded)):
+        if expected.get(key) != recorded.get(key):
+            raise PlanMismatch(
+                f"{path} was made with {key}={recorded.get(key)!r}, this run has "
+                f"{key}={expected.get(key)!r}; rerun with the same settings, or write to a new "
+                "output folder (shards of both settings would be mixed)"
+            )
+    current = {u.id: u for u in units}
+    planned = [uid for shard in saved["shards"] for uid in shard["units"]]
+    added = sorted(set(current) - set(planned))
+    missing = sorted(set(planned) - set(current))
+    if added or missing:
+        raise PlanMismatch(
+            f"{path}: the input units differ from the plan ({len(added)} new, e.g. "
+            f"{added[:3]}; {len(missing)} gone, e.g. {missing[:3]}); shard the changed corpus "
+            "into a new output folder"
+        )
+    shards = [
+        ShardSpec(
+            index=int(s["index"]),
+            split=str(s["split"]),
+            units=tuple(current[uid] for uid in s["units"]),
+        )
+        for s in saved["shards"]
+    ]
+    for spec in shards:
+        for unit in spec.units:
+            split = split_of(
+                unit.dataset,
+                unit.case_id,
+                val_fraction=cfg.val_fraction,
+                test_fraction=cfg.test_fraction,
+            )
+            if split != spec.split:
+                raise PlanMismatch(
+                    f"{path}: unit {unit.id} is planned in {spec.split} but its case "
+                    f"{unit.dataset}/{unit.case_id} hashes to {split} (dataset or case id changed)"
+                )
+    return Plan(
+        format=str(saved["format"]),
+        input=str(saved["input"]),
+        settings=recorded,
+        inputs_per_shard=int(saved["inputs_per_shard"]),
+        shards=shards,
+    )

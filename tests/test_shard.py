@@ -1,0 +1,428 @@
+"""``samadapt shard`` end to end on real synthetic corpora of each layout.
+
+Every sample is read back from the tars with WebDataset and compared pixel-exactly with the
+reader's output after ``resize_sample`` (the documented resize); Zarr volumes are compared with
+the reader's volumes; bad inputs must show up in rejected.jsonl and summary.json while every good
+sample is still written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import webdataset as wds
+import zarr
+
+from pipeline.config import load_config
+from sharding import synthetic
+from sharding.format import decode_image, decode_masks, sample_key
+from sharding.manifest import load_manifest, verify_shards
+from sharding.plan import ESTIMATE_UNITS, split_of
+from sharding.readers import get_reader
+from sharding.records import RejectedInput, Volume
+from sharding.run import cli
+from sharding.transform import resize_sample, volume_slices
+from sharding.writer import estimate_unit_bytes
+
+SIZE = 64
+COMMON = [f"image_size={SIZE}", "val_fraction=0.25", "test_fraction=0.25"]
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def make_corpus(fmt: str, root: Path) -> Path:
+    if fmt == "sa-med2d":
+        return synthetic.write_sa_med2d(
+            root, n_cases=6, slices_per_case=3, size=96, masks_per_image=(1, 3), seed=1
+        )
+    if fmt == "folder":
+        return synthetic.write_folder(root, n_cases=5, slices_per_case=2, size=(80, 96), seed=2)
+    if fmt == "nifti":
+        return synthetic.write_nifti(root, n_cases=4, shape=(6, 40, 48), seed=3)
+    return synthetic.write_dicom(root, n_cases=3, shape=(5, 40, 48), seed=4)
+
+
+def shard(fmt: str, corpus: Path, out: Path, *overrides: str, workers: int = 1) -> int:
+    argv = ["--format", fmt, str(corpus), str(out), *COMMON, *overrides]
+    return cli([*argv, "--workers", str(workers), "--no-progress"])
+
+
+def cfg_of(*overrides: str):
+    items = [o if o.startswith("sharding.") else f"sharding.{o}" for o in (*COMMON, *overrides)]
+    return load_config(None, items).sharding
+
+
+def read_tars(out: Path) -> dict[str, dict]:
+    """All samples of the manifest's shards, read with WebDataset: key -> decoded sample."""
+    manifest = load_manifest(out)
+    urls = [str(out / s["path"]) for s in manifest["shards"]]
+    samples = {}
+    for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        key = raw["__key__"]
+        assert key not in samples, f"sample key {key} written twice"
+        samples[key] = {
+            "image": decode_image(raw["png"]),
+            "masks": decode_masks(raw["mpk"]).astype(bool),
+            "meta": json.loads(raw["json"]),
+            "shard": raw["__url__"],
+        }
+    return samples
+
+
+def expected_samples(fmt: str, corpus: Path, cfg) -> dict[str, dict]:
+    """The reference: reader output -> resize_sample -> masks >= min_mask_pixels (all empties
+    kept: the tests run with keep_empty_ratio=1 unless they check dropping)."""
+    reader = get_reader(fmt, corpus, cfg=cfg)
+    out = {}
+    for unit in reader.list_units():
+        try:
+            loaded = reader.load(unit)
+            items = list(volume_slices(loaded, cfg=cfg)) if isinstance(loaded, Volume) else [loaded]
+        except RejectedInput:
+            continue
+        for item in items:
+            image, masks = resize_sample(
+                item.image, item.masks, size=cfg.image_size, mode=cfg.resize
+            )
+            keep = [i for i in range(masks.shape[0]) if masks[i].sum() >= cfg.min_mask_pixels]
+            key = sample_key(item.dataset, item.case_id, item.slice_index)
+            out[key] = {
+                "image": image,
+                "masks": masks[keep],
+                "class_ids": [item.class_ids[i] for i in keep],
+                "class_names": [item.class_names[i] for i in keep],
+                "case_id": item.case_id,
+                "dataset": item.dataset,
+                "slice_index": item.slice_index,
+                "original_size": list(item.image.shape[:2]),
+                "unit": unit.id,
+            }
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """fmt -> (corpus, output), each sharded once with keep_empty_ratio=1."""
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(fmt: str) -> tuple[Path, Path]:
+        if fmt not in cache:
+            base = tmp_path_factory.mktemp(fmt)
+            corpus = make_corpus(fmt, base / "corpus")
+            out = base / "out"
+            workers = 2 if fmt == "sa-med2d" else 1  # one format through the process pool
+            rc = shard(
+                fmt, corpus, out, "inputs_per_shard=2", "keep_empty_ratio=1.0", workers=workers
+            )
+            assert rc == 0
+            cache[fmt] = (corpus, out)
+        return cache[fmt]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("fmt", ["sa-med2d", "folder", "nifti", "dicom"])
+def test_round_trip_pixel_exact(fmt, sharded):
+    corpus, out = sharded(fmt)
+    cfg = cfg_of("inputs_per_shard=2", "keep_empty_ratio=1.0")
+    expected = expected_samples(fmt, corpus, cfg)
+    got = read_tars(out)
+    assert expected, "the reference produced no samples"
+    assert sorted(got) == sorted(expected)
+    for key, ref in expected.items():
+        sample = got[key]
+        np.testing.assert_array_equal(sample["image"], ref["image"], err_msg=key)
+        np.testing.assert_array_equal(sample["masks"], ref["masks"], err_msg=key)
+        meta = sample["meta"]
+        assert meta["class_ids"] == ref["class_ids"]
+        assert meta["class_names"] == ref["class_names"]
+        assert meta["case_id"] == ref["case_id"]
+        assert meta["slice_index"] == ref["slice_index"]
+        assert meta["original_size"] == ref["original_size"]
+        split = split_of(ref["dataset"], ref["case_id"], val_fraction=0.25, test_fraction=0.25)
+        assert meta["split"] == split
+        assert f"/{split}/" in sample["shard"]
+        assert set(meta) >= {"dataset", "modality", "spacing", "source"}
+    manifest = load_manifest(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert manifest["totals"]["samples"] == len(expected) == summary["samples"]
+    assert summary["masks"] == sum(len(r["class_ids"]) for r in expected.values())
+    assert sum(summary["by_split"].values()) == len(expected)
+    assert manifest["image_size"] == SIZE and manifest["input_format"] == fmt
+    assert [s["index"] for s in manifest["shards"]] == list(range(len(manifest["shards"])))
+    assert verify_shards(out) == []
+
+
+@pytest.mark.parametrize("fmt", ["sa-med2d", "folder"])
+def test_split_is_per_case(fmt, sharded):
+    corpus, out = sharded(fmt)
+    cases: dict[str, set[str]] = {}
+    for sample in read_tars(out).values():
+        meta = sample["meta"]
+        cases.setdefault(meta["split"], set()).add(f"{meta['dataset']}/{meta['case_id']}")
+    splits = list(cases)
+    assert len(splits) >= 2, "the corpus should spread over several splits"
+    for i, a in enumerate(splits):
+        for b in splits[i + 1 :]:
+            assert not cases[a] & cases[b], f"cases in both {a} and {b}: {cases[a] & cases[b]}"
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["inputs_per_shard"] == 2
+    assert all(len(s["units"]) <= 2 for s in plan["shards"])
+    # a case's units may span shards, but never splits
+    planned = {uid: s["split"] for s in plan["shards"] for uid in s["units"]}
+    reader = get_reader(fmt, corpus, cfg=cfg_of())
+    for unit in reader.list_units():
+        split = split_of(unit.dataset, unit.case_id, val_fraction=0.25, test_fraction=0.25)
+        assert planned[unit.id] == split
+
+
+def test_zarr_volumes_round_trip(sharded):
+    corpus, out = sharded("nifti")
+    cfg = cfg_of()
+    reader = get_reader("nifti", corpus, cfg=cfg)
+    units = reader.list_units()
+    store_dirs = list((out / "volumes").glob("*.zarr"))
+    assert len(store_dirs) == 1
+    root = zarr.open_group(str(store_dirs[0]), mode="r")
+    index = root.attrs["cases"]
+    assert len(index) == len(units)
+    root_meta = json.loads((store_dirs[0] / "zarr.json").read_text())
+    assert "consolidated_metadata" in root_meta
+    for unit in units:
+        vol = reader.load(unit)
+        group = root[vol.case_id]
+        image, label = group["image"], group["label"]
+        assert image.dtype == np.int16  # integer HU: stored exactly in int16
+        np.testing.assert_array_equal(image[:].astype(np.float32), vol.image)
+        np.testing.assert_array_equal(label[:], vol.label)
+        z, h, w = vol.image.shape
+        for arr in (image, label):
+            assert arr.shape == (z, h, w)
+            assert arr.chunks == (1, h, w)
+            (codec,) = arr.compressors
+            assert type(codec).__name__ == "BloscCodec"
+            assert codec.cname.value == "zstd" and codec.shuffle.value == "bitshuffle"
+            assert codec.clevel == cfg.zstd_level
+        attrs = group.attrs
+        assert attrs["spacing"] == pytest.approx(list(vol.spacing))
+        np.testing.assert_allclose(np.array(attrs["affine"]), vol.affine)
+        assert attrs["class_map"] == {str(k): v for k, v in vol.class_map.items()}
+        assert attrs["modality"] == vol.modality and attrs["case_id"] == vol.case_id
+        split = split_of(vol.dataset, vol.case_id, val_fraction=0.25, test_fraction=0.25)
+        assert attrs["split"] == split == index[vol.case_id]["split"]
+        assert attrs["intensity"] == {"mapping": "ct_window", "level": 40.0, "width": 400.0}
+        assert index[vol.case_id]["shape"] == [z, h, w]
+        assert attrs["foreground_slices"] == [i for i in range(z) if vol.label[i].any()]
+
+
+def test_float_mr_volume_is_stored_exactly(tmp_path):
+    """A non-integer MR volume goes to float32 (lossless) with its percentile mapping."""
+    corpus = synthetic.write_nifti(tmp_path / "mr", n_cases=1, shape=(3, 24, 20), modality="MRI")
+    path = next((corpus / "imagesTr").glob("*.nii.gz"))
+    img = nib.load(path)
+    data = img.get_fdata().astype(np.float32) + np.float32(0.25)
+    nib.save(nib.Nifti1Image(data, img.affine), path)
+    out = tmp_path / "out"
+    assert shard("nifti", corpus, out, "keep_empty_ratio=1.0") == 0
+    cfg = cfg_of()
+    reader = get_reader("nifti", corpus, cfg=cfg)
+    (unit,) = reader.list_units()
+    vol = reader.load(unit)
+    group = zarr.open_group(str(next((out / "volumes").glob("*.zarr"))), mode="r")[vol.case_id]
+    assert group["image"].dtype == np.float32
+    np.testing.assert_array_equal(group["image"][:], vol.image)
+    lo, hi = np.percentile(vol.image, cfg.mr_percentiles)
+    assert group.attrs["intensity"]["mapping"] == "percentiles"
+    assert group.attrs["intensity"]["lo"] == pytest.approx(lo)
+    assert group.attrs["intensity"]["hi"] == pytest.approx(hi)
+
+
+def test_empty_slices_and_small_masks(tmp_path):
+    corpus = synthetic.write_nifti(tmp_path / "c", n_cases=2, shape=(6, 40, 48), seed=5)
+    for path in (corpus / "labelsTr").glob("*.nii.gz"):  # no foreground in the end slices
+        lab = nib.load(path)
+        data = np.asarray(lab.dataobj).copy()
+        data[:, :, [0, -1]] = 0
+        nib.save(nib.Nifti1Image(data, lab.affine), path)
+    cfg = cfg_of()
+    reader = get_reader("nifti", corpus, cfg=cfg)
+    areas = []
+    for unit in reader.list_units():
+        for item in volume_slices(reader.load(unit), cfg=cfg):
+            _, masks = resize_sample(item.image, item.masks, size=SIZE, mode="square")
+            areas += masks.reshape(masks.shape[0], SIZE * SIZE).sum(1).tolist()
+    threshold = int(np.median(areas))  # about half the masks are dropped
+    small = sum(a < threshold for a in areas)
+    out = tmp_path / "out"
+    assert shard("nifti", corpus, out, "keep_empty_ratio=0", f"min_mask_pixels={threshold}") == 0
+    reference = expected_samples("nifti", corpus, cfg_of(f"min_mask_pixels={threshold}"))
+    assert small > 0, "the corpus should have masks below the threshold"
+    empty = {k for k, r in reference.items() if not r["class_ids"]}
+    assert empty, "the corpus should have slices without foreground"
+    got = read_tars(out)
+    assert sorted(got) == sorted(set(reference) - empty)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["empty_dropped"] == len(empty) and summary["empty_kept"] == 0
+    assert summary["rejected"] == small
+    assert summary["rejected_by_reason"] == {"mask below min_mask_pixels after resize": small}
+    lines = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    assert len(lines) == small
+    assert all(r["path"].endswith(".nii.gz") and "min_mask_pixels" in r["reason"] for r in lines)
+    assert sum(len(s["meta"]["class_ids"]) for s in got.values()) == len(areas) - small
+
+
+def test_inputs_per_shard_estimated_from_shard_size(tmp_path):
+    corpus = synthetic.write_sa_med2d(
+        tmp_path / "c", n_cases=8, slices_per_case=3, size=64, masks_per_image=(1, 2), seed=6
+    )
+    out = tmp_path / "out"
+    target_mb = 0.02
+    assert shard("sa-med2d", corpus, out, "inputs_per_shard=0", f"shard_size_mb={target_mb}") == 0
+    cfg = cfg_of("inputs_per_shard=0", f"shard_size_mb={target_mb}")
+    reader = get_reader("sa-med2d", corpus, cfg=cfg)
+    units = reader.list_units()[:ESTIMATE_UNITS]
+    splits = {
+        u.id: split_of(u.dataset, u.case_id, val_fraction=0.25, test_fraction=0.25) for u in units
+    }
+    mean = estimate_unit_bytes(reader, units, splits=splits, cfg=cfg)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["inputs_per_shard"] == max(1, math.floor(target_mb * 1e6 / mean)) > 1
+    manifest = load_manifest(out)
+    assert len(manifest["shards"]) > 3
+    assert all(s["bytes"] < 2 * target_mb * 1e6 for s in manifest["shards"])
+
+
+def test_plan_mismatch_and_bad_arguments(tmp_path, capsys):
+    corpus = synthetic.write_sa_med2d(tmp_path / "c", n_cases=2, slices_per_case=2, size=48)
+    out = tmp_path / "out"
+    assert shard("sa-med2d", corpus, out, "inputs_per_shard=2") == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert shard("sa-med2d", corpus, out, "inputs_per_shard=2", "sharding.resize=letterbox") == 2
+    err = capsys.readouterr().err
+    assert "resize='square'" in err and "resize='letterbox'" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # a changed corpus is refused too
+    extra = synthetic.write_sa_med2d(tmp_path / "x", n_cases=3, slices_per_case=2, size=48)
+    assert shard("sa-med2d", extra, out, "inputs_per_shard=2") == 2
+    assert "input units differ" in capsys.readouterr().err
+    assert shard("sa-med2d", tmp_path / "missing", tmp_path / "o2") == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert shard("sa-med2d", corpus, tmp_path / "o3", "no_such_key=1") == 2
+    assert "sharding.no_such_key" in capsys.readouterr().err
+    assert shard("sa-med2d", corpus, tmp_path / "o4", "train.steps=3") == 2
+    assert "only takes sharding" in capsys.readouterr().err
+    assert shard("sa-med2d", corpus, tmp_path / "o5", "image_size=8") == 2
+    assert "sharding.image_size" in capsys.readouterr().err
+    assert (
+        cli(["--format", "sa-med2d", str(corpus), str(tmp_path / "o6"), "--shard-range", "3:1"])
+        == 2
+    )
+    assert "shard-range" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli(["--format", "png-soup", str(corpus), str(tmp_path / "o7")])
+    assert exc.value.code == 2
+
+
+def test_bad_inputs_are_reported_and_good_ones_written(tmp_path):
+    import cv2
+
+    corpus = synthetic.write_sa_med2d(
+        tmp_path / "c", n_cases=4, slices_per_case=3, size=64, masks_per_image=(2, 3), seed=7
+    )
+    mapping = json.loads((corpus / "image2label_train.json").read_text())
+    images = sorted(mapping)
+    n_good_images = len(images)
+    # corrupt PNG image -> the unit is rejected
+    corrupt = corpus / images[0]
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20 + b"IEND\xaeB`\x82")
+    # wrong-size mask, empty mask, missing mask file: those masks are left out
+    wrong = corpus / mapping[images[1]][0]
+    cv2.imwrite(str(wrong), np.full((10, 12), 255, np.uint8))
+    empty = corpus / mapping[images[2]][0]
+    cv2.imwrite(str(empty), np.zeros((64, 64), np.uint8))
+    missing_mask = corpus / mapping[images[3]][0]
+    missing_mask.unlink()
+    # an image named in the JSON that does not exist -> rejected unit
+    mapping["images/ct_00--SynthAbdomen--case_0009--z_0001.png"] = []
+    (corpus / "image2label_train.json").write_text(json.dumps(mapping))
+    out = tmp_path / "out"
+    assert shard("sa-med2d", corpus, out, "inputs_per_shard=3", "keep_empty_ratio=1.0") == 0
+    lines = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    by_path = {r["path"]: r for r in lines}
+    ghost = str(corpus / "images/ct_00--SynthAbdomen--case_0009--z_0001.png")
+    for path, words in [
+        (str(corrupt), "corrupt"),
+        (str(wrong), "size"),
+        (str(empty), "empty"),
+        (str(missing_mask), "does not exist"),
+        (ghost, "does not exist"),
+    ]:
+        assert path in by_path, f"{path} not in rejected.jsonl: {lines}"
+        assert words in by_path[path]["reason"] and by_path[path]["unit"]
+    assert len(lines) == 5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rejected"] == 5 and summary["units_rejected"] == 2
+    assert sum(summary["rejected_by_reason"].values()) == 5
+    got = read_tars(out)
+    assert len(got) == n_good_images - 1  # every image but the corrupt one
+    for key, sample in got.items():
+        src = sample["meta"]["source"]
+        n_listed = len(mapping[str(Path(src).relative_to(corpus))])
+        lost = 1 if src in {str(corpus / images[i]) for i in (1, 2, 3)} else 0
+        assert sample["masks"].shape[0] == n_listed - lost, key
+    assert (out / "manifest.json").exists() and verify_shards(out) == []
+
+
+def test_bad_volumes_are_reported(tmp_path):
+    corpus = synthetic.write_nifti(tmp_path / "c", n_cases=4, shape=(4, 32, 32), seed=8)
+    images = sorted((corpus / "imagesTr").glob("*.nii.gz"))
+    labels = sorted((corpus / "labelsTr").glob("*.nii.gz"))
+    img = nib.load(images[0])
+    data = img.get_fdata().astype(np.float32)
+    data[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), images[0])
+    lab = nib.load(labels[1])
+    ldata = np.asarray(lab.dataobj).copy()
+    ldata[0, 0, 0] = 7  # not in dataset.json labels
+    nib.save(nib.Nifti1Image(ldata, lab.affine), labels[1])
+    out = tmp_path / "out"
+    assert shard("nifti", corpus, out, "keep_empty_ratio=1.0") == 0
+    lines = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    assert {r["path"] for r in lines} == {str(images[0]), str(labels[1])}
+    reasons = " | ".join(r["reason"] for r in lines)
+    assert "NaN" in reasons and "7" in reasons
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rejected"] == 2 and summary["units_rejected"] == 2
+    got = read_tars(out)
+    assert {s["meta"]["case_id"] for s in got.values()} == {"synth_002", "synth_003"}
+    assert len(got) == 2 * 4
+    store = zarr.open_group(str(next((out / "volumes").glob("*.zarr"))), mode="r")
+    assert sorted(store.attrs["cases"]) == ["synth_002", "synth_003"]
+
+
+def test_verify_shards_names_a_modified_shard(sharded, tmp_path):
+    import shutil
+
+    _, src = sharded("folder")
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    manifest = load_manifest(out)
+    victim = manifest["shards"][1]["path"]
+    data = bytearray((out / victim).read_bytes())
+    data[700] ^= 0xFF
+    (out / victim).write_bytes(bytes(data))
+    bad = verify_shards(out)
+    assert len(bad) == 1 and bad[0].startswith(victim) and "sha256" in bad[0]
+    (out / manifest["shards"][0]["path"]).write_bytes(b"short")
+    bad = verify_shards(out)
+    assert [b.split(":")[0] for b in bad] == [manifest["shards"][0]["path"], victim]
