@@ -16,8 +16,19 @@ from pipeline.config import LaunchConfig
 __all__ = ["run", "run_local"]
 
 
-def run(*, cfg: LaunchConfig, entry: str, argv: list[str], run_dir: str | Path) -> int:
+def run(
+    *,
+    cfg: LaunchConfig,
+    entry: str,
+    argv: list[str],
+    run_dir: str | Path,
+    requeue_argv: list[str] | None = None,
+) -> int:
     """Run ``entry(argv)`` on ``cfg.nodes`` x ``cfg.ranks`` processes where ``cfg.mode`` says.
+
+    Arguments:
+      requeue_argv: appended to ``argv`` when a submitit job is requeued after preemption or
+        time-out (e.g. ``["train.resume=auto"]``).
 
     Returns:
       The exit code: 0 when every rank succeeded (for submitit modes, when the job finished).
@@ -30,5 +41,5 @@ def run(*, cfg: LaunchConfig, entry: str, argv: list[str], run_dir: str | Path) 
         return run_local(entry=entry, argv=argv, ranks=cfg.ranks)
     from launch.submit import submit  # late import: submitit only when used
 
-    job = submit(cfg=cfg, entry=entry, argv=argv, run_dir=run_dir)
+    job = submit(cfg=cfg, entry=entry, argv=argv, run_dir=run_dir, requeue_argv=requeue_argv)
     return job.wait()

@@ -1,0 +1,353 @@
+"""Checkpoints that resume exactly, and that are never picked half-written.
+
+Layout of one checkpoint, ``RUN_DIR/checkpoints/step-0000200/``::
+
+    <DeepSpeed files>        weights (trainable only unless train.save_frozen) and optimizer
+                             partitions, written by every rank (Engine.save)
+    rank-00000.pt ...        per rank: data position, RNG states (python, numpy, torch CPU/CUDA,
+                             registered torch.Generators)
+    meta.json                step, world size, MLflow run id, trainer extras (rank 0)
+    COMPLETE                 written last by rank 0, after a barrier, by temp file + rename
+
+(DeepSpeed also drops its ``zero_to_fp32.py`` recovery script into ``RUN_DIR/checkpoints``.)
+A folder without ``COMPLETE`` (a job killed mid-save) is ignored by ``latest_complete`` and refused
+by ``resolve_resume``. Rank 0 keeps the last ``train.keep_checkpoints`` complete ones.
+
+Preemption: ``install_signal_handlers()`` returns a flag set on SIGTERM / SIGUSR1 (Slurm sends
+one before the time limit with ``--signal``). Ranks may get the signal at different steps, so the
+trainer asks ``should_stop(flag)`` (an all-reduce) each step, saves, and exits with
+``EXIT_REQUEUE``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import ConfigError
+from pipeline.distributed import barrier, get_rank, get_world_size
+
+__all__ = [
+    "EXIT_REQUEUE",
+    "CheckpointError",
+    "Resumed",
+    "StopFlag",
+    "checkpoint_dir",
+    "install_signal_handlers",
+    "latest_complete",
+    "load_checkpoint",
+    "prune_checkpoints",
+    "resolve_resume",
+    "save_checkpoint",
+    "should_stop",
+]
+
+log = logging.getLogger(__name__)
+
+EXIT_REQUEUE = 75
+"""Exit status after a checkpoint on SIGTERM/SIGUSR1: EX_TEMPFAIL, "try again" (the launcher
+requeues); distinct from success (0), errors (1) and a kill without a save (143, 137)."""
+
+COMPLETE = "COMPLETE"
+META = "meta.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit this run."""
+
+
+@dataclass
+class Resumed:
+    """What ``load_checkpoint`` gives back to the trainer."""
+
+    path: Path
+    step: int
+    """Training steps done when it was saved (the next step to run)."""
+    data_state: dict[str, Any]
+    """This rank's data position, as passed to ``save_checkpoint``."""
+    run_id: str | None
+    """MLflow run to continue."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """``RUN_DIR/checkpoints/step-NNNNNNN``."""
+    return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+
+
+def _rank_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"rank-{rank:05d}.pt"
+
+
+def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    missing = set(generators) - set(state["generators"])
+    if missing:
+        raise CheckpointError(f"checkpoint has no state for generator(s) {sorted(missing)}")
+    for name, gen in generators.items():
+        gen.set_state(state["generators"][name])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    engine: Any,
+    *,
+    run_dir: str | Path,
+    step: int,
+    data_state: dict[str, Any],
+    run_id: str | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    extra: dict[str, Any] | None = None,
+    keep: int = 3,
+) -> Path:
+    """Save a checkpoint (collective: every rank calls it with the same ``step``).
+
+    Arguments:
+      engine: a ``pipeline.engine.Engine``.
+      run_dir: the run directory.
+      step: training steps done (the step to continue from).
+      data_state: this rank's data position (e.g. samples consumed per worker).
+      run_id: the MLflow run id (rank 0's counts).
+      generators: torch.Generators the trainer draws from (prompt sampling...), by name.
+      extra: small JSON-able trainer state (rank 0's counts), e.g. best validation score.
+      keep: complete checkpoints to keep (``train.keep_checkpoints``; 0 = all).
+
+    Returns:
+      The checkpoint folder.
+    """
+    started = time.perf_counter()
+    ckpt = checkpoint_dir(run_dir, step)
+    rank, world = get_rank(), get_world_size()
+    if (ckpt / COMPLETE).exists():
+        # Same step saved already (a periodic save, then a stop signal): nothing new to write.
+        # Every rank sees the marker, since the earlier save ended with a barrier after it.
+        log.info("checkpoint %s exists, not saved again", ckpt)
+        return ckpt
+    if rank == 0 and ckpt.exists():
+        shutil.rmtree(ckpt)  # the leftover of a save that was killed: start clean
+    barrier()
+    ckpt.mkdir(parents=True, exist_ok=True)
+    engine.save(ckpt, {"step": step})
+    torch.save(
+        {"step": step, "rank": rank, "data": data_state, "rng": _rng_state(generators or {})},
+        _rank_file(ckpt, rank),
+    )
+    # Every rank's files are closed before rank 0 declares the checkpoint complete.
+    barrier()
+    if rank == 0:
+        meta = {
+            "step": step,
+            "world_size": world,
+            "run_id": run_id,
+            "extra": extra or {},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        _atomic_write(ckpt / META, json.dumps(meta, indent=2))
+        _atomic_write(ckpt / COMPLETE, f"{step}\n")
+        prune_checkpoints(run_dir, keep=keep)
+        log.info("checkpoint %s saved in %.1fs", ckpt, time.perf_counter() - started)
+    barrier()
+    return ckpt
+
+
+def load_checkpoint(
+    engine: Any,
+    path: str | Path,
+    *,
+    generators: dict[str, torch.Generator] | None = None,
+) -> Resumed:
+    """Restore weights, optimizer, RNG states and return the trainer's state (collective).
+
+    Arguments:
+      engine: a ``pipeline.engine.Engine`` built the same way as the one that saved.
+      path: a complete checkpoint folder (from ``resolve_resume``).
+      generators: the same named torch.Generators that were saved; restored in place.
+
+    Returns:
+      ``Resumed`` with the step, this rank's data position and the MLflow run id.
+    """
+    ckpt = Path(path)
+    if not (ckpt / COMPLETE).is_file():
+        raise CheckpointError(f"{ckpt}: no {COMPLETE} marker (half-written checkpoint)")
+    meta = json.loads((ckpt / META).read_text())
+    rank, world = get_rank(), get_world_size()
+    if meta["world_size"] != world:
+        raise CheckpointError(
+            f"{ckpt}: saved by {meta['world_size']} ranks, this run has {world}; "
+            "resume with the same launch.ranks x launch.nodes"
+        )
+    engine.load(ckpt)
+    own = torch.load(_rank_file(ckpt, rank), map_location="cpu", weights_only=False)
+    # RNG last: nothing after this may draw random numbers before training continues.
+    _set_rng_state(own["rng"], generators or {})
+    log.info("resumed from %s (step %d)", ckpt, meta["step"])
+    return Resumed(
+        path=ckpt,
+        step=int(meta["step"]),
+        data_state=own["data"],
+        run_id=meta.get("run_id"),
+        extra=meta.get("extra", {}),
+    )
+
+
+def _complete(run_dir: str | Path) -> list[tuple[int, Path]]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / COMPLETE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_complete(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``RUN_DIR/checkpoints``, or None."""
+    found = _complete(run_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """Turn ``train.resume`` into a checkpoint folder.
+
+    Arguments:
+      resume: ``""`` (fresh start), ``"auto"`` (latest complete checkpoint, or fresh when there is
+        none), or a checkpoint folder, which must be complete.
+      run_dir: the run directory.
+
+    Returns:
+      The folder to load, or None for a fresh start. Raises ``ConfigError`` naming
+      ``train.resume`` for a path that is missing or incomplete.
+    """
+    if resume == "":
+        return None
+    if resume == "auto":
+        found = latest_complete(run_dir)
+        if found is None:
+            log.info("resume=auto: no complete checkpoint in %s, starting fresh", run_dir)
+        return found
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"train.resume: {path} is not a checkpoint folder")
+    if not (path / COMPLETE).is_file():
+        raise ConfigError(
+            f"train.resume: {path} has no {COMPLETE} marker (a half-written checkpoint); "
+            "pick another or use resume=auto"
+        )
+    return path
+
+
+def prune_checkpoints(run_dir: str | Path, *, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (0 = keep all); rank 0 calls it.
+
+    Incomplete folders older than the newest complete one are deleted too (dead saves);
+    a newer incomplete one may be a save in progress and is left alone.
+
+    Returns:
+      The folders deleted.
+    """
+    found = _complete(run_dir)
+    doomed = [path for _, path in found[:-keep]] if keep and len(found) > keep else []
+    if found:
+        newest = found[-1][0]
+        for child in (Path(run_dir) / "checkpoints").iterdir():
+            match = _STEP_DIR.match(child.name)
+            if match and int(match.group(1)) < newest and not (child / COMPLETE).exists():
+                doomed.append(child)
+    for path in doomed:
+        # Marker first, so a crash mid-delete leaves an incomplete folder, never a broken
+        # "complete" one.
+        (path / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+class StopFlag:
+    """Set by a signal handler; read by the trainer through ``should_stop``."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def set(self, signum: int) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before ``install_signal_handlers``."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+def install_signal_handlers(
+    signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1),
+) -> StopFlag:
+    """Make SIGTERM / SIGUSR1 set a flag instead of killing the process (main thread only).
+
+    Returns:
+      The ``StopFlag``; pass it to ``should_stop`` once per step.
+    """
+    flag = StopFlag()
+
+    def handler(signum: int, _frame: Any) -> None:
+        # Only set a flag: saving from inside a signal handler would interleave with a step.
+        flag.set(signum)
+        log.warning("got %s: will checkpoint and stop", signal.Signals(signum).name)
+
+    for signum in signals:
+        flag._previous[signum] = signal.signal(signum, handler)
+    return flag
+
+
+def should_stop(flag: StopFlag) -> bool:
+    """True on every rank if any rank got a stop signal (collective: all ranks call it).
+
+    One all-reduce of one integer per call: a sync point, cheap next to a training step.
+    """
+    stop = 1 if flag else 0
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        on_gpu = "nccl" in str(dist.get_backend())
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
+        value = torch.tensor([stop], dtype=torch.int32, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        stop = int(value.item())
+    return bool(stop)

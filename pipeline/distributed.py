@@ -1,0 +1,264 @@
+"""Where this process sits in the job, and the process group.
+
+Pure functions over the environment, in the order launchers set it:
+
+- torchrun, the ``deepspeed`` launcher and submitit's ``TorchDistributedEnvironment().export()``
+  set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+  ``MASTER_PORT``;
+- a plain ``srun`` sets ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``,
+  ``SLURM_NTASKS_PER_NODE`` / ``SLURM_TASKS_PER_NODE`` and ``SLURM_JOB_NODELIST``;
+- nothing: one process, rank 0 of 1.
+
+Nothing here imports submitit (that is ``launch/``'s job) and DeepSpeed is imported late, so
+reading the environment stays cheap.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistEnv",
+    "barrier",
+    "cleanup",
+    "device",
+    "dist_env",
+    "free_port",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_main",
+    "setup_logging",
+]
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Rank and rendezvous of this process."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    backend: str
+    """"nccl" when a GPU is visible, else "gloo"."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int(environ: Mapping[str, str], key: str, default: int | None = None) -> int:
+    raw = environ.get(key)
+    if raw is None or raw == "":
+        if default is None:
+            raise RuntimeError(f"environment variable {key} is not set")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise RuntimeError(f"environment variable {key}={raw!r} is not an integer") from None
+
+
+def _first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: ``gpu[03-05,09],cpu1`` -> ``gpu03``."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        return "127.0.0.1"
+    prefix, _, ranges = match.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{first}"
+
+
+def _tasks_on_first_node(value: str) -> int:
+    """``SLURM_TASKS_PER_NODE`` such as ``4(x2),3`` -> 4."""
+    match = re.match(r"(\d+)", value.strip())
+    return int(match.group(1)) if match else 1
+
+
+def _backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def free_port() -> int:
+    """An unused TCP port on this host (for single-process runs and tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read rank, world size and rendezvous from the launcher's environment variables.
+
+    Arguments:
+      environ: the variables to read (default ``os.environ``).
+
+    Returns:
+      A ``DistEnv``. With no launcher variables: rank 0 of 1 on 127.0.0.1 with ``MASTER_PORT``
+      or a free port.
+    """
+    env = os.environ if environ is None else environ
+    backend = _backend()
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = _int(env, "WORLD_SIZE")
+        local_world = _int(env, "LOCAL_WORLD_SIZE", _int(env, "SLURM_NTASKS_PER_NODE", world))
+        return DistEnv(
+            rank=_int(env, "RANK"),
+            local_rank=_int(env, "LOCAL_RANK", 0),
+            world_size=world,
+            local_world_size=local_world,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT", DEFAULT_PORT),
+            backend=backend,
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = _int(env, "SLURM_NTASKS")
+        per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+        job_id = _int(env, "SLURM_JOB_ID", 0)
+        # One port per job, so two jobs sharing a node do not collide.
+        port = _int(env, "MASTER_PORT", 20000 + job_id % 20000)
+        return DistEnv(
+            rank=_int(env, "SLURM_PROCID"),
+            local_rank=_int(env, "SLURM_LOCALID", 0),
+            world_size=world,
+            local_world_size=_tasks_on_first_node(per_node),
+            master_addr=env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "")),
+            master_port=port,
+            backend=backend,
+        )
+    return DistEnv(
+        rank=0,
+        local_rank=0,
+        world_size=1,
+        local_world_size=1,
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_int(env, "MASTER_PORT", 0) or free_port(),
+        backend=backend,
+    )
+
+
+def init_distributed(env: DistEnv, *, timeout_s: float = 1800.0) -> torch.device:
+    """Join the process group (gloo on CPU, nccl on GPU) through DeepSpeed.
+
+    Exports the ``DistEnv`` as the torchrun variables (DeepSpeed and WebDataset's
+    ``split_by_node`` read them), pins the GPU of this local rank, and is a no-op when the group
+    already exists.
+
+    Arguments:
+      env: from ``dist_env()``.
+      timeout_s: how long a collective waits for the other ranks before failing (long enough
+        for a slow checkpoint save or validation on rank 0).
+
+    Returns:
+      The device this rank computes on.
+    """
+    for key, value in (
+        ("RANK", env.rank),
+        ("LOCAL_RANK", env.local_rank),
+        ("WORLD_SIZE", env.world_size),
+        ("LOCAL_WORLD_SIZE", env.local_world_size),
+        ("MASTER_ADDR", env.master_addr),
+        ("MASTER_PORT", env.master_port),
+    ):
+        os.environ[key] = str(value)
+    if env.backend == "gloo":
+        # DeepSpeed reads this once, when it first picks an accelerator.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    dev = device(env)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(
+            dist_backend=env.backend,
+            auto_mpi_discovery=False,
+            distributed_port=env.master_port,
+            verbose=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            rank=env.rank,
+            world_size=env.world_size,
+        )
+    return dev
+
+
+def device(env: DistEnv) -> torch.device:
+    """``cuda:LOCAL_RANK`` with the nccl backend, else the CPU."""
+    return torch.device("cuda", env.local_rank) if env.backend == "nccl" else torch.device("cpu")
+
+
+def get_rank() -> int:
+    """Rank in the process group; before it exists, ``RANK`` or 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+
+
+def get_world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
+
+
+def is_main() -> bool:
+    """True on global rank 0 (the one that logs, tracks and writes markers)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group (end of a run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _MainRankFilter(logging.Filter):
+    """Rank 0 logs everything; other ranks only warnings and errors, tagged with their rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rank = get_rank()
+        record.where = f"[rank {rank}] " if rank else ""
+        return rank == 0 or record.levelno >= logging.WARNING
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One stderr handler on the root logger that is quiet on non-zero ranks.
+
+    Info and debug lines come from rank 0 only (every rank would repeat them); warnings and
+    errors come from every rank, prefixed ``[rank N]``, since they may differ. Idempotent.
+    """
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if getattr(handler, "_samadapt", False):
+            root.setLevel(level)
+            return
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(where)s%(name)s: %(message)s", "%H:%M:%S")
+    )
+    handler.addFilter(_MainRankFilter())
+    handler._samadapt = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    # DeepSpeed logs every config key at INFO on every rank.
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
