@@ -367,11 +367,38 @@ class TrainConfig:
     """Also store frozen weights in checkpoints (default: trainable only; frozen weights come
     from model.checkpoint, so the model must be built the same way on resume)."""
     val_every: int = 0
+    """Validate on data.val_split every this many steps (0 = never during training)."""
     resume: str = ""
     """'' = fresh, 'auto' = latest complete checkpoint in run_dir, or a checkpoint path."""
+    # -- the interaction loop (SAM-Med2D defaults; pipeline/steps.py) --------------------------
+    first_prompt_box_prob: float = 0.5
+    """Probability that step 1 prompts with a box (else one foreground point)."""
+    click_choices: list[int] = field(default_factory=lambda: [1, 3, 5, 9])
+    """k, the clicks of a re-prompt step, is drawn from these once per step."""
+    random_mask_only: bool = True
+    """One random step among iterations 2..n-1 is mask-only (as the last step always is)."""
+    mask_prompt_as_probs: bool = True
+    """Feed the previous mask as sigmoid probabilities (SAM-Med2D) instead of logits."""
+    sum_interaction_losses: bool = False
+    """Sum the n step losses into one update (SAM-Med3D) instead of n optimizer steps."""
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    # -- prompt-free training (SAMed: 0.2 CE + 0.8 Dice) ---------------------------------------
+    ce_weight: float = 0.2
+    semantic_dice_weight: float = 0.8
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", "must be >= 1")
+        _fraction(self.first_prompt_box_prob, "first_prompt_box_prob")
+        _require(
+            len(self.click_choices) > 0 and all(k >= 1 for k in self.click_choices),
+            "click_choices",
+            f"must be a non-empty list of click counts >= 1, got {self.click_choices}",
+        )
+        for key in ("focal_weight", "dice_weight", "iou_weight", "ce_weight",
+                    "semantic_dice_weight"):
+            _require(getattr(self, key) >= 0, key, "must be >= 0")
         _require(self.interaction_steps >= 1, "interaction_steps", "must be >= 1")
         _require(self.lr > 0, "lr", "must be > 0")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -409,6 +436,8 @@ class EvalConfig:
     """0 = the whole split."""
     prompts: list[str] = field(default_factory=lambda: ["box", "point"])
     clicks: int = 1
+    overlays: int = 4
+    """Prediction-vs-truth overlay PNGs logged to MLflow at each validation."""
 
 
 @dataclass

@@ -1,0 +1,234 @@
+"""Load Meta's SAM checkpoints (``sam_vit_{b,l,h}_*.pth``) into a ``SamAdapt`` model.
+
+Meta's state dict holds ``image_encoder.*``, ``prompt_encoder.*`` and ``mask_decoder.*`` for a
+1024 px encoder. Loading:
+
+1. reads the file on the CPU (``weights_only``), unwrapping ``{"model": ...}`` /
+   ``{"state_dict": ...}`` and a ``module.`` prefix;
+2. refuses a different encoder (width / depth) with one line naming both;
+3. requires every base weight of the model and nothing unknown: otherwise one error listing the
+   first missing and unexpected keys (never a silent partial load). Keys of PEFT modules may be
+   present (SAM-Med2D's ``blocks.i.Adapter.*`` are renamed to ours) or absent (zero-initialised);
+4. resizes the absolute position embedding (bilinear) and the global blocks' relative-position
+   tables (linear) when the input size differs, and maps SAM's 4 mask tokens onto AutoSAM's
+   ``num_classes + 1`` (token i <- SAM token i mod 4, same for its hypernetwork MLP);
+5. refuses any other shape difference, listing the first keys with both shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import SAM_ARCHS
+from pipeline.model.peft import peft_method_of
+
+log = logging.getLogger(__name__)
+
+BASE_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+_SHOW = 5  # keys listed in an error
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not fit the model; the message names the file and the first keys."""
+
+
+def _first(keys: list[str], n: int = _SHOW) -> str:
+    shown = ", ".join(keys[:n])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > n else shown
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from a ``torch.save`` file on the CPU.
+
+    Arguments:
+      path (str): the file.
+
+    Returns:
+      dict[str, torch.Tensor]: keys without a ``module.`` prefix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors alike
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            if not any(k.startswith(BASE_PREFIXES) for k in obj):
+                obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: does not hold a state dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def encoder_shape(state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(width, depth) of the image encoder stored in a SAM state dict ((0, 0) if absent)."""
+    patch = state.get("image_encoder.patch_embed.proj.weight")
+    pattern = re.compile(r"image_encoder\.blocks\.(\d+)\.")
+    blocks = {int(m.group(1)) for k in state if (m := pattern.match(k))}
+    return (int(patch.shape[0]) if patch is not None else 0, len(blocks))
+
+
+def _arch_name(width: int, depth: int) -> str:
+    for name, (dim, d, _, _) in SAM_ARCHS.items():
+        if (dim, d) == (width, depth):
+            return name
+    return "an unknown size"
+
+
+_MED2D = {"channel": "channel", "spatial.0": "down", "spatial.2": "up", "norm": "norm"}
+
+
+def _rename_sam_med2d(key: str) -> str:
+    """SAM-Med2D's ``blocks.i.Adapter.<part>`` -> our ``blocks.i.med2d_adapter.<part>``."""
+    m = re.match(r"(image_encoder\.blocks\.\d+\.)Adapter\.(.+)$", key)
+    if not m:
+        return key
+    rest = m.group(2)
+    for theirs, ours in _MED2D.items():
+        if rest.startswith(theirs + "."):
+            return f"{m.group(1)}med2d_adapter.{ours}{rest[len(theirs) :]}"
+    return key
+
+
+def _resize_pos_embed(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    grid = t.permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(shape[1], shape[2]), mode="bilinear", align_corners=False)
+    return grid.permute(0, 2, 3, 1).to(t.dtype)
+
+
+def _resize_rel_pos(t: torch.Tensor, length: int) -> torch.Tensor:
+    line = t.float().t().unsqueeze(0)  # (1, head_dim, L)
+    return F.interpolate(line, size=length, mode="linear").squeeze(0).t().to(t.dtype)
+
+
+def _cycle_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t[torch.arange(rows) % t.shape[0]].clone()
+
+
+_HYPER = re.compile(r"mask_decoder\.output_hypernetworks_mlps\.(\d+)\.(.+)$")
+
+
+def _fit_mask_token_count(
+    state: dict[str, torch.Tensor], tokens: int, source: str
+) -> dict[str, torch.Tensor]:
+    """Give the hypernetwork MLPs of a decoder with ``tokens`` mask tokens (AutoSAM) weights from
+    SAM's: MLP i <- SAM's MLP i mod n; SAM's extra MLPs are dropped. (The token embeddings and
+    the IoU head's last layer are cycled the same way in ``adapt_state_dict``.)"""
+    stored = state.get("mask_decoder.mask_tokens.weight")
+    if stored is None or stored.shape[0] == tokens:
+        return state
+    have = stored.shape[0]
+    out = {k: v for k, v in state.items() if not ((m := _HYPER.match(k)) and int(m[1]) >= tokens)}
+    for key, value in state.items():
+        m = _HYPER.match(key)
+        if m and int(m[1]) < have:
+            for i in range(have, tokens):
+                if i % have == int(m[1]):
+                    out[f"mask_decoder.output_hypernetworks_mlps.{i}.{m[2]}"] = value.clone()
+    log.info(
+        "%s: %d mask tokens mapped onto %d (token i <- token i mod %d)", source, have, tokens, have
+    )
+    return out
+
+
+def adapt_state_dict(
+    state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], *, source: str
+) -> dict[str, torch.Tensor]:
+    """Resize position tables and AutoSAM token weights of ``state`` to ``target``'s shapes.
+
+    Arguments:
+      state: checkpoint tensors (keys already checked against the model).
+      target: the model's state dict (for shapes).
+      source: the file, for messages.
+
+    Returns:
+      dict[str, torch.Tensor]: the state with fitting shapes; raises CheckpointError otherwise.
+    """
+    out: dict[str, torch.Tensor] = {}
+    bad: list[str] = []
+    resized: list[str] = []
+    for key, value in state.items():
+        want = target[key].shape
+        if value.shape == want:
+            out[key] = value
+        elif key == "image_encoder.pos_embed" and value.dim() == 4 and len(want) == 4:
+            out[key] = _resize_pos_embed(value, want)
+            resized.append(f"{key} {tuple(value.shape[1:3])}->{tuple(want[1:3])}")
+        elif key.endswith((".rel_pos_h", ".rel_pos_w")) and value.shape[1:] == want[1:]:
+            out[key] = _resize_rel_pos(value, want[0])
+            resized.append(f"{key} {value.shape[0]}->{want[0]}")
+        elif key in ("mask_decoder.mask_tokens.weight",) or key.startswith(
+            "mask_decoder.iou_prediction_head.layers."
+        ):
+            if value.shape[1:] == want[1:]:
+                out[key] = _cycle_rows(value, want[0])
+            else:
+                bad.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(want)}")
+        else:
+            bad.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(want)}")
+    if bad:
+        raise CheckpointError(f"{source}: tensor shapes differ from the model: {_first(bad)}")
+    if resized:
+        log.info("%s: resized %d position tables, e.g. %s", source, len(resized), resized[0])
+    return out
+
+
+def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a SAM checkpoint into the base weights (and any PEFT weights it holds) of ``model``.
+
+    Arguments:
+      model (SamAdapt): the model; its ``cfg`` names the expected encoder.
+      path (str): ``sam_vit_b_01ec64.pth`` or alike.
+
+    Raises:
+      CheckpointError: missing file, another encoder size, missing/unexpected keys, shapes.
+    """
+    source = str(path)
+    state = {_rename_sam_med2d(k): v for k, v in read_state_dict(path).items()}
+    target = model.state_dict()
+    width, depth = encoder_shape(state)
+    want_width = model.image_encoder.patch_embed.proj.out_channels
+    want_depth = len(model.image_encoder.blocks)
+    if (width, depth) != (want_width, want_depth) and width:
+        raise CheckpointError(
+            f"{source}: checkpoint encoder is width {width}, {depth} blocks "
+            f"({_arch_name(width, depth)}), but model.arch={model.cfg.arch} builds width "
+            f"{want_width}, {want_depth} blocks ({_arch_name(want_width, want_depth)})"
+        )
+    state = _fit_mask_token_count(state, model.mask_decoder.num_mask_tokens, source)
+    base = [k for k in target if k.startswith(BASE_PREFIXES) and peft_method_of(k) is None]
+    missing = sorted(k for k in base if k not in state)
+    unexpected = sorted(k for k in state if k not in target)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_first(unexpected)}")
+        raise CheckpointError(
+            f"{source}: does not match the SAM layout (image_encoder.*, prompt_encoder.*, "
+            f"mask_decoder.*) of model.arch={model.cfg.arch}; " + "; ".join(parts)
+        )
+    fitted = adapt_state_dict(state, target, source=source)
+    result = model.load_state_dict(fitted, strict=False)
+    left = [k for k in result.missing_keys if k in base]
+    if left or result.unexpected_keys:  # cannot happen after the checks above; stay loud
+        raise CheckpointError(f"{source}: incomplete load: {_first(left + result.unexpected_keys)}")
+    peft_loaded = sorted({m for k in fitted if (m := peft_method_of(k))})
+    log.info(
+        "loaded %s (%d tensors%s)",
+        source,
+        len(fitted),
+        f"; PEFT weights for {', '.join(peft_loaded)}" if peft_loaded else "",
+    )

@@ -1,0 +1,93 @@
+"""SAM's mask decoder, batched over prompts that belong to different images.
+
+The stock ``MaskDecoder.predict_masks`` takes one image embedding and ``repeat_interleave``s it
+over the prompts. ``BatchedMaskDecoder`` (a ``MaskDecoder``: same constructor, same state-dict
+keys) takes the embeddings of a whole batch plus ``image_index`` (prompt -> image) and runs the
+stock submodules (``transformer``, ``output_upscaling``, ``output_hypernetworks_mlps``,
+``iou_prediction_head``) once over all P prompts: no Python loop over images.
+"""
+
+from __future__ import annotations
+
+import torch
+from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+from torch import nn
+
+
+class BatchedMaskDecoder(MaskDecoder):
+    """SAM's mask decoder with per-prompt image embeddings.
+
+    Arguments:
+      num_mask_tokens (int): mask tokens (SAM: 4 = 1 single-mask + 3 multimask; AutoSAM: one per
+        class, background included).
+      transformer_dim (int): 256 for Meta's checkpoints.
+    """
+
+    def __init__(self, *, num_mask_tokens: int = 4, transformer_dim: int = 256) -> None:
+        super().__init__(
+            transformer_dim=transformer_dim,
+            transformer=TwoWayTransformer(
+                depth=2, embedding_dim=transformer_dim, mlp_dim=2048, num_heads=8
+            ),
+            num_multimask_outputs=num_mask_tokens - 1,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        )
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+        *,
+        upsampler: nn.Module | None = None,
+        with_iou: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Predict the masks of every mask token for P prompts.
+
+        Arguments:
+          image_embeddings (torch.Tensor): (B, C, h, w) from the image encoder.
+          image_pe (torch.Tensor): (1, C, h, w) dense positional encoding.
+          sparse_prompt_embeddings (torch.Tensor): (P, n, C) point/box embeddings (n may be 0).
+          dense_prompt_embeddings (torch.Tensor): (P, C, h, w) or (1, C, h, w) mask embeddings.
+          image_index (torch.Tensor or None): (P,) int64, the image of each prompt; None when
+            P == B and prompt p belongs to image p.
+          upsampler (nn.Module or None): applied to the upscaled embedding (P, C/8, 4h, 4w) before
+            the hypernetwork product (progressive upsampling).
+          with_iou (bool): also run the IoU head.
+
+        Returns:
+          torch.Tensor: mask logits (P, num_mask_tokens, 4h, 4w) (or the upsampler's size).
+          torch.Tensor or None: IoU predictions (P, num_mask_tokens).
+        """
+        p = sparse_prompt_embeddings.shape[0]
+        src = image_embeddings if image_index is None else image_embeddings[image_index]
+        if src.shape[0] != p:
+            raise ValueError(
+                f"decoder: {p} prompts but {src.shape[0]} image embeddings selected "
+                "(pass image_index when prompts and images differ in number)"
+            )
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(p, -1, -1)
+        tokens = torch.cat((output_tokens, sparse_prompt_embeddings.to(output_tokens.dtype)), 1)
+        src = src + dense_prompt_embeddings
+        pos_src = image_pe.expand(p, -1, -1, -1)
+        b, c, h, w = src.shape
+
+        hs, src = self.transformer(src, pos_src, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]
+
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        if upsampler is not None:
+            upscaled = upsampler(upscaled)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            dim=1,
+        )
+        b, c, h, w = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).view(b, -1, h, w)
+        iou_pred = self.iou_prediction_head(iou_token_out) if with_iou else None
+        return masks, iou_pred

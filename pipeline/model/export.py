@@ -1,0 +1,185 @@
+"""Small deployable artifacts: the trained tensors only, with the config that built them.
+
+An export holds ``{"format", "model" (the ModelConfig as a dict), "tensors", "meta"}``. It is
+loaded onto a stock Meta checkpoint by ``load_exported`` (optionally merging LoRA/FacT into the
+base weights). ``samadapt export CONFIG STATE OUT`` writes one from a trained state: a file saved
+with ``torch.save`` (a full or trainable-only state dict, possibly under ``module``/``model``) or
+a DeepSpeed checkpoint directory (consolidated with DeepSpeed's ``zero_to_fp32``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import ModelConfig, load_config
+from pipeline.model.build import build_model
+from pipeline.model.checkpoint import CheckpointError, read_state_dict
+from pipeline.model.wrapper import SamAdapt
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "samadapt-trainable/1"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_trainable(
+    model: SamAdapt,
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write the model's trained tensors and its config (temp file + rename).
+
+    Arguments:
+      model (SamAdapt): the trained model (gathered, if it was trained under ZeRO-3).
+      path (str): output file.
+      dtype (torch.dtype or None): cast floating tensors (e.g. bf16 halves the file).
+      meta (dict or None): extra information stored alongside (run id, step...).
+
+    Returns:
+      Path: the written file.
+    """
+    tensors = {}
+    for name, tensor in model.trainable_state_dict().items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor.clone()
+    payload = {
+        "format": EXPORT_FORMAT,
+        "model": dataclasses.asdict(model.cfg),
+        "tensors": tensors,
+        "meta": {
+            "parameters": sum(t.numel() for t in tensors.values()),
+            "torch": str(torch.__version__),
+            **(meta or {}),
+        },
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    log.info(
+        "exported %d tensors (%.2f MB) to %s",
+        len(tensors),
+        path.stat().st_size / 2**20,
+        path,
+    )
+    return path
+
+
+def read_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of an export file (clear errors for anything else)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: export file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: not a samadapt export (format {found!r})")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    stored = payload["model"]
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: model config has keys this version lacks: {unknown}")
+    return ModelConfig(**stored), payload["tensors"]
+
+
+def load_exported(
+    path: str | os.PathLike,
+    *,
+    checkpoint: str | None = None,
+    merge: bool = False,
+    device: str | torch.device = "cpu",
+) -> SamAdapt:
+    """Rebuild a trained model: base SAM checkpoint + exported tensors.
+
+    Arguments:
+      path (str): an ``export_trainable`` file.
+      checkpoint (str or None): Meta's SAM checkpoint; None = the path stored in the export
+        ("" = random base, for tests).
+      merge (bool): fold LoRA/FacT into the base weights (no extra inference latency).
+      device: where the model goes.
+
+    Returns:
+      SamAdapt: in eval mode.
+    """
+    cfg, tensors = read_export(path)
+    overrides: dict[str, Any] = {"compile": False}
+    if checkpoint is not None:
+        overrides["checkpoint"] = checkpoint
+    cfg = dataclasses.replace(cfg, **overrides)
+    model = build_model(cfg=cfg)
+    try:
+        model.load_trainable_state_dict(tensors, strict=True)
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    if merge:
+        merged = model.merge_peft()
+        log.info("merged %s into the base weights", merged or "nothing")
+    return model.to(device).eval()
+
+
+def read_trained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A trained model's tensors from a ``torch.save`` file or a DeepSpeed checkpoint folder."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError as exc:  # pragma: no cover - deepspeed is a dependency
+            raise CheckpointError(f"{path}: reading DeepSpeed checkpoints needs deepspeed") from exc
+        attempts = [(path, None), (path.parent, path.name)]
+        errors = []
+        for folder, tag in attempts:
+            try:
+                state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+                return {k: v for k, v in state.items()}
+            except Exception as exc:  # DeepSpeed raises several kinds
+                errors.append(f"{folder} tag={tag}: {exc}")
+        raise CheckpointError(f"{path}: not a DeepSpeed checkpoint ({'; '.join(errors)})")
+    return read_state_dict(path)
+
+
+def cli(argv: list[str]) -> int:
+    """``samadapt export CONFIG STATE OUT [--dtype bf16] [key=value ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="samadapt export",
+        description="Write the trained tensors of a model (PEFT, trained SAM parts, head) and its "
+        "config to a small file; load it with pipeline.model.load_exported.",
+    )
+    parser.add_argument("config", help="the run's config YAML (e.g. RUN_DIR/config.yaml)")
+    parser.add_argument("state", help="trained weights: a torch.save file or DeepSpeed checkpoint")
+    parser.add_argument("out", help="output file (.pt)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides).model
+    # Base weights are not needed to pick out trained tensors; keep the base path in the config.
+    model = build_model(cfg=dataclasses.replace(cfg, checkpoint="", compile=False))
+    model.cfg = dataclasses.replace(model.cfg, checkpoint=cfg.checkpoint)
+    state = read_trained_state(args.state)
+    wanted = set(model.trainable_names)
+    found = {k: v for k, v in state.items() if k in wanted}
+    try:
+        model.load_trainable_state_dict(found, strict=True)
+    except KeyError as err:
+        raise SystemExit(f"samadapt export: {args.state}: {err}") from None
+    export_trainable(
+        model,
+        args.out,
+        dtype=DTYPES[args.dtype],
+        meta={"source": str(Path(args.state).resolve()), "checkpoint": cfg.checkpoint},
+    )
+    return 0

@@ -1,0 +1,238 @@
+"""Exports of trained tensors, loading onto a fresh base, LoRA/FacT merge, and the two CLIs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import ModelConfig
+from pipeline.model import CheckpointError, build_model, export_trainable, load_exported
+from pipeline.model.export import read_export
+from pipeline.model.peft import peft_method_of
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(
+    arch="tiny",
+    embed_dim=64,
+    depth=2,
+    num_heads=2,
+    global_attn_indexes=[1],
+    window_size=2,
+    image_size=64,
+)
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{**TINY, "fact_rank": 4, "adapter3d_dim": 16, **kw})
+
+
+def images(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, 64, 64), generator=g, dtype=torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory) -> str:
+    """A random tiny SAM in Meta's layout, as if downloaded."""
+    torch.manual_seed(123)
+    model = build_model(cfg=tiny_cfg(peft=[]))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def train_a_little(model) -> None:
+    """Stand-in for training: move every trainable tensor."""
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        emb = model.encode(x)
+        pts = (torch.tensor([[[10.0, 20.0]], [[40.0, 33.0]]]), torch.ones(2, 1, dtype=torch.long))
+        return emb, *model.decode(emb, points=pts)
+
+
+@pytest.mark.parametrize("peft", [["sam_med2d_adapter", "adapter3d"], ["lora", "fact"]])
+def test_export_load_onto_fresh_base_identical(tmp_path, base_checkpoint, peft):
+    cfg = tiny_cfg(peft=peft, checkpoint=base_checkpoint)
+    model = build_model(cfg=cfg)
+    train_a_little(model)
+    model.eval()
+    out = export_trainable(model, tmp_path / "trained.pt", meta={"step": 7})
+    stored_cfg, tensors = read_export(out)
+    assert stored_cfg == cfg
+    assert set(tensors) == set(model.trainable_names)
+    assert not any(k.startswith("image_encoder.") and not peft_method_of(k) for k in tensors)
+    full = sum(v.numel() for v in model.state_dict().values())
+    assert sum(v.numel() for v in tensors.values()) < full
+
+    fresh = load_exported(out, checkpoint=base_checkpoint)
+    assert not fresh.training
+    for a, b in zip(outputs(model, images(2)), outputs(fresh, images(2)), strict=True):
+        assert torch.equal(a, b)
+
+    if "lora" in peft:
+        merged = load_exported(out, checkpoint=base_checkpoint, merge=True)
+        assert merged.cfg.peft == []
+        assert not any(peft_method_of(k) for k in merged.state_dict())
+        for a, b in zip(outputs(model, images(2)), outputs(merged, images(2)), strict=True):
+            # fp32 rounding of W + dW, relative to the output's scale (logits reach ~20 here)
+            torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, a.abs().max().item()), rtol=0)
+
+    # a different base checkpoint gives different outputs (the base really comes from it)
+    other = load_exported(out, checkpoint="")
+    assert not torch.allclose(outputs(other, images(2))[0], outputs(model, images(2))[0])
+
+
+def test_export_errors(tmp_path, base_checkpoint):
+    torch.save({"format": "something-else"}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="not a samadapt export"):
+        load_exported(tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="export file not found"):
+        load_exported(tmp_path / "missing.pt")
+    model = build_model(cfg=tiny_cfg(peft=["lora"]))
+    path = export_trainable(model, tmp_path / "lora.pt", dtype=torch.bfloat16)
+    payload = torch.load(path, weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in payload["tensors"].values())
+    payload["tensors"].pop("image_encoder.blocks.0.attn.qkv.lora.a_q.weight")
+    torch.save(payload, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="missing keys: image_encoder.blocks.0.attn.qkv.lora"):
+        load_exported(tmp_path / "broken.pt")
+    with pytest.raises(KeyError, match="unexpected keys: nonsense"):
+        model.load_trainable_state_dict(
+            {**model.trainable_state_dict(), "nonsense": torch.zeros(1)}
+        )
+
+
+def _write_config(tmp_path, checkpoint: str, **model) -> str:
+    cfg = {
+        "defaults": [str(ROOT / "configs" / "debug.yaml")],
+        "data": {"image_size": 64},
+        "model": {"image_size": 64, "window_size": 2, "checkpoint": checkpoint, **model},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_export_cli_from_a_full_state_dict(tmp_path, base_checkpoint, capsys):
+    config = _write_config(tmp_path, base_checkpoint, peft=["lora", "msa_adapter"], head="sam")
+    from pipeline.config import load_config
+
+    cfg = load_config(config).model
+    model = build_model(cfg=cfg)
+    train_a_little(model)
+    model.eval()
+    torch.save({"module": model.state_dict()}, tmp_path / "trained_full.pt")
+    out = tmp_path / "export.pt"
+    assert main(["export", config, str(tmp_path / "trained_full.pt"), str(out)]) == 0
+    loaded = load_exported(out)  # base path from the stored config
+    assert loaded.cfg.checkpoint == base_checkpoint
+    for a, b in zip(outputs(model, images(2)), outputs(loaded, images(2)), strict=True):
+        assert torch.equal(a, b)
+    # a state without the trained tensors is refused, naming them
+    torch.save(build_model(cfg=tiny_cfg(peft=[])).state_dict(), tmp_path / "untrained.pt")
+    with pytest.raises(SystemExit, match="missing keys"):
+        main(["export", config, str(tmp_path / "untrained.pt"), str(tmp_path / "e2.pt")])
+
+
+def test_model_info_cli(tmp_path, capsys):
+    config = _write_config(tmp_path, "", peft=["lora"], head="sam", lora_rank=4)
+    assert main(["model-info", config, "--json"]) == 0
+    rows = {r["part"]: r for r in json.loads(capsys.readouterr().out)}
+    # LoRA on q and v of 2 blocks, width 64, rank 4: 2 blocks * 2 * (64*4 + 4*64)
+    assert rows["peft: lora"] == {"part": "peft: lora", "total": 2048, "trainable": 2048}
+    assert rows["image_encoder (SAM)"]["trainable"] == 0
+    model = build_model(cfg=tiny_cfg(peft=["lora"]))
+    assert rows["total"]["total"] == sum(p.numel() for p in model.parameters())
+    assert rows["total"]["trainable"] == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+
+
+def test_model_info_vit_b_sam_med2d_matches_paper(capsys):
+    """SAM-Med2D reports 271.24M parameters for its ViT-B model with adapters."""
+    assert main(["model-info", str(ROOT / "configs" / "base.yaml"), "--json"]) == 0
+    rows = {r["part"]: r for r in json.loads(capsys.readouterr().out)}
+    assert round(rows["total"]["total"] / 1e6, 2) == 271.24
+    # Meta's 89,670,912 at 1024 px, minus the position embedding (64^2 - 16^2) * 768 and the
+    # global blocks' relative tables 4 * 2 * (127 - 31) * 64 that shrink at 256 px
+    assert rows["image_encoder (SAM)"]["total"] == 89_670_912 - 2_949_120 - 49_152
+
+
+_DEEPSPEED_TRAIN = r"""
+import sys, torch, deepspeed
+from pipeline.config import load_config
+from pipeline.model import build_model
+config, out = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+model = build_model(cfg=load_config(config).model)
+params = [p for ps in model.param_groups().values() for p in ps]
+ds_config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
+             "zero_allow_untested_optimizer": True}
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=1e-2),
+                                  config=ds_config)
+x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+low, iou, _ = engine(dict(images=x, points=(torch.rand(2, 1, 2) * 64, torch.ones(2, 1).long())),
+                     mode="prompt")
+engine.backward(low.sigmoid().mean() + iou.mean())
+engine.step()
+engine.save_checkpoint(out, tag="step-1", exclude_frozen_parameters=True)
+torch.save(model.trainable_state_dict(), out + "/trained.pt")
+"""
+
+
+def test_export_cli_from_a_deepspeed_checkpoint(tmp_path, base_checkpoint):
+    """A real (ZeRO-2, gloo, 1 rank) DeepSpeed checkpoint folder is consolidated and exported."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.distributed import free_port
+
+    config = _write_config(tmp_path, base_checkpoint, peft=["lora", "adapter3d"], head="sam")
+    env = dict(
+        os.environ,
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        DS_ACCELERATOR="cpu",
+    )
+    ckpt = tmp_path / "ds"
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEEPSPEED_TRAIN, config, str(ckpt)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "export.pt"
+    assert main(["export", config, str(ckpt / "step-1"), str(out)]) == 0
+    _, tensors = read_export(out)
+    trained = torch.load(ckpt / "trained.pt", weights_only=True)
+    assert tensors.keys() == trained.keys()
+    for k, v in trained.items():
+        assert torch.equal(tensors[k], v), k
+    initial = build_model(cfg=tiny_cfg(peft=["lora", "adapter3d"], checkpoint=base_checkpoint))
+    assert not torch.equal(  # the optimizer step is in the export
+        tensors["image_encoder.blocks.0.attn.qkv.lora.b_q.weight"],
+        initial.trainable_state_dict()["image_encoder.blocks.0.attn.qkv.lora.b_q.weight"],
+    )

@@ -1,0 +1,136 @@
+"""Heads x PEFT methods: shapes, gradients, the forward router, AutoSAM progressive upsampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ModelConfig
+from pipeline.model import build_model
+
+TINY = dict(arch="tiny", embed_dim=64, depth=2, num_heads=2, global_attn_indexes=[1])
+METHODS = ["sam_med2d_adapter", "msa_adapter", "lora", "fact", "adapter3d"]
+S = 64
+D = 2  # slices: the 3D branches run too
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    values = {
+        **TINY,
+        "image_size": S,
+        "window_size": 2,
+        "fact_rank": 4,
+        "adapter3d_dim": 16,
+        "slices": D,
+        "num_classes": 3,
+        **kw,
+    }
+    return ModelConfig(**values)
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, S, S), generator=g, dtype=torch.uint8)
+
+
+def prompts(p: int) -> dict:
+    g = torch.Generator().manual_seed(p)
+    return {
+        "points": (torch.rand(p, 3, 2, generator=g) * S, torch.tensor([[1, 0, -1]] * p)),
+        "boxes": torch.tensor([[2.0, 3.0, 40.0, 50.0]] * p),
+        "mask_inputs": torch.randn(p, 1, S // 4, S // 4, generator=g),
+    }
+
+
+def check_gradients(model) -> None:
+    """Every parameter group got a gradient, and no frozen parameter did."""
+    for group, params in model.param_groups().items():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), group
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, name
+
+
+@pytest.mark.parametrize("head", ["sam", "auto", "cnn", "linear"])
+@pytest.mark.parametrize("peft", [[m] for m in METHODS] + [METHODS], ids=lambda p: "+".join(p))
+def test_every_peft_and_head_forward_backward(peft, head):
+    torch.manual_seed(0)
+    model = build_model(cfg=tiny_cfg(peft=peft, head=head)).train()
+    x = images(2 * D)
+    groups = set(model.param_groups())
+    if head == "sam":
+        assert groups == {"encoder_peft", "prompt_encoder", "mask_decoder"}
+        emb = model.encode(x)
+        assert emb.shape == (2 * D, 256, S // 16, S // 16)
+        index = torch.tensor([0, 3, 3, 1, 2])
+        low, iou = model.decode(emb, image_index=index, multimask=True, **prompts(5))
+        assert low.shape == (5, 3, S // 4, S // 4) and iou.shape == (5, 3)
+        single, iou1 = model.decode(emb, image_index=index, multimask=False, **prompts(5))
+        assert single.shape == (5, 1, S // 4, S // 4) and iou1.shape == (5, 1)
+        loss = low.sigmoid().mean() + iou.square().mean() + single.mean()
+    else:
+        expected = {"encoder_peft", "head"} if head != "auto" else {"encoder_peft", "mask_decoder"}
+        assert groups == expected
+        logits = model.semantic(x)
+        assert logits.shape == (2 * D, 4, S, S) and logits.dtype == torch.float32
+        loss = F.cross_entropy(logits, torch.randint(0, 4, (2 * D, S, S)))
+    loss.backward()
+    check_gradients(model)
+
+
+def test_forward_router_matches_methods():
+    torch.manual_seed(0)
+    model = build_model(cfg=tiny_cfg(peft=["lora"], slices=1)).eval()
+    x = images(2)
+    p = prompts(3)
+    index = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        emb = model(dict(images=x), mode="encode")
+        assert torch.equal(emb, model.encode(x))
+        batch = dict(
+            embeddings=emb,
+            image_index=index,
+            point_coords=p["points"][0],
+            point_labels=p["points"][1],
+            boxes=p["boxes"],
+            multimask=False,
+        )
+        low, iou = model(batch, mode="decode")
+        ref = model.decode(
+            emb, image_index=index, points=p["points"], boxes=p["boxes"], multimask=False
+        )
+        assert torch.equal(low, ref[0]) and torch.equal(iou, ref[1])
+        low2, iou2, emb2 = model(dict(batch, images=x), mode="prompt")
+        assert torch.equal(low2, low) and torch.equal(emb2, emb)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        model({}, mode="train")
+    with pytest.raises(ValueError, match="semantic\\(\\) needs a prompt-free head"):
+        model(dict(images=x), mode="semantic")
+    with pytest.raises(ValueError, match=r"images must be \(N, 3, 64, 64\)"):
+        model.encode(torch.zeros(1, 3, 32, 32))
+    auto = build_model(cfg=tiny_cfg(head="auto", slices=1))
+    with pytest.raises(ValueError, match="decode\\(\\) needs SAM's promptable decoder"):
+        auto.decode(emb, points=p["points"])
+    with torch.no_grad():
+        assert torch.equal(auto(dict(images=x), mode="semantic"), auto.semantic(x))
+
+
+def test_auto_progressive_upsampling_starts_at_bilinear():
+    torch.manual_seed(0)
+    plain = build_model(cfg=tiny_cfg(head="auto", slices=1)).eval()
+    prog = build_model(cfg=tiny_cfg(head="auto", slices=1, progressive_upsampling=True)).eval()
+    prog.load_state_dict(plain.state_dict(), strict=False)
+    x = images(2)
+    with torch.no_grad():
+        emb = plain.encode(x)
+        sparse, dense = plain.prompt_encoder(None, None, None)
+        low, _ = plain.mask_decoder(
+            emb, plain.prompt_encoder.get_dense_pe(), sparse.expand(2, -1, -1), dense
+        )
+        up = F.interpolate(low, scale_factor=2, mode="bilinear", align_corners=False)
+        up = F.interpolate(up, scale_factor=2, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(prog.semantic(x), up, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(plain.semantic(x), up, atol=1e-4)  # one x4 step differs
+    assert "head" in prog.param_groups()
+    assert low.shape == (2, 4, S // 4, S // 4)
