@@ -206,6 +206,9 @@ class ModelConfig:
     """Global-attention blocks override (empty = from arch)."""
     window_size: int = 14
     """Window of the windowed-attention blocks, in tokens (SAM: 14)."""
+    prompt_dim: int = 256
+    """Width of the image embeddings, prompt encoder and mask decoder (SAM: 256; Meta's
+    checkpoints need 256). Smaller only for tiny test models (debug.yaml: 32)."""
     peft: list[str] = field(default_factory=lambda: ["sam_med2d_adapter"])
     """Any subset of: sam_med2d_adapter, msa_adapter, lora, fact, adapter3d (empty = frozen
     encoder)."""
@@ -308,6 +311,16 @@ class ModelConfig:
             all(0 <= i < depth for i in self.activation_checkpointing_blocks),
             "activation_checkpointing_blocks",
             f"{self.activation_checkpointing_blocks} must be block indexes in [0, {depth})",
+        )
+        _require(
+            self.prompt_dim >= 16 and self.prompt_dim % 16 == 0,
+            "prompt_dim",
+            f"must be a multiple of 16, got {self.prompt_dim}",
+        )
+        _require(
+            not self.checkpoint or self.prompt_dim == 256,
+            "prompt_dim",
+            f"must be 256 to load Meta's checkpoint {self.checkpoint} (got {self.prompt_dim})",
         )
         _require(self.lora_rank >= 1, "lora_rank", "must be >= 1")
         _require(self.fact_rank >= 1, "fact_rank", "must be >= 1")
@@ -618,6 +631,12 @@ def _coerce(value: Any, tp: Any, key: str, sources: dict[str, str]) -> Any:
             raise ConfigError(f"{_where(key, sources)}: {key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-3" (no dot) as a string; it is a number to anyone else.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{_where(key, sources)}: {key} must be a number, got {value!r}")
         return float(value)
@@ -649,7 +668,9 @@ def _build(cls: type, values: dict, prefix: str, sources: dict[str, str]) -> Any
         raise ConfigError(f"{_where(full, sources)}: {full} {err.message}") from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> Config:
     """Load a config: YAML file (with its ``defaults``) <- ``key=value`` overrides.
 
     Arguments:

@@ -121,7 +121,14 @@ def _write_config(tmp_path, checkpoint: str, **model) -> str:
     cfg = {
         "defaults": [str(ROOT / "configs" / "debug.yaml")],
         "data": {"image_size": 64},
-        "model": {"image_size": 64, "window_size": 2, "checkpoint": checkpoint, **model},
+        # prompt_dim 256: the tiny checkpoint has Meta's layout (debug.yaml shrinks it to 32)
+        "model": {
+            "image_size": 64,
+            "window_size": 2,
+            "checkpoint": checkpoint,
+            "prompt_dim": 256,
+            **model,
+        },
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))

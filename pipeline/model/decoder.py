@@ -20,18 +20,19 @@ class BatchedMaskDecoder(MaskDecoder):
     Arguments:
       num_mask_tokens (int): mask tokens (SAM: 4 = 1 single-mask + 3 multimask; AutoSAM: one per
         class, background included).
-      transformer_dim (int): 256 for Meta's checkpoints.
+      transformer_dim (int): 256 for Meta's checkpoints (MLP width 8x and IoU head width 1x
+        of it, as SAM's 2048 and 256); smaller for tiny test models.
     """
 
     def __init__(self, *, num_mask_tokens: int = 4, transformer_dim: int = 256) -> None:
         super().__init__(
             transformer_dim=transformer_dim,
             transformer=TwoWayTransformer(
-                depth=2, embedding_dim=transformer_dim, mlp_dim=2048, num_heads=8
+                depth=2, embedding_dim=transformer_dim, mlp_dim=8 * transformer_dim, num_heads=8
             ),
             num_multimask_outputs=num_mask_tokens - 1,
             iou_head_depth=3,
-            iou_head_hidden_dim=256,
+            iou_head_hidden_dim=transformer_dim,
         )
 
     def forward(

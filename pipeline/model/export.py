@@ -35,6 +35,7 @@ def export_trainable(
     *,
     dtype: torch.dtype | None = None,
     meta: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the model's trained tensors and its config (temp file + rename).
 
@@ -43,12 +44,20 @@ def export_trainable(
       path (str): output file.
       dtype (torch.dtype or None): cast floating tensors (e.g. bf16 halves the file).
       meta (dict or None): extra information stored alongside (run id, step...).
+      tensors (dict or None): the trained tensors by name when they are not the model's own
+        (gathered from ZeRO-3 partitions by ``Engine.trainable_state_dict``); None = the model's.
 
     Returns:
       Path: the written file.
     """
+    source = model.trainable_state_dict() if tensors is None else tensors
+    expected = set(model.trainable_names)
+    if tensors is not None and set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(f"export: tensors do not match the model (missing {missing[:5]}, "
+                         f"unexpected {extra[:5]})")
     tensors = {}
-    for name, tensor in model.trainable_state_dict().items():
+    for name, tensor in source.items():
         tensor = tensor.detach().to("cpu")
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)

@@ -23,7 +23,6 @@ from pipeline.model.encoder import AdaptedImageEncoder
 from pipeline.model.heads import CnnHead, LinearHead, ProgressiveUpsampler
 from pipeline.model.peft import add_peft, merge_qkv_updates
 
-PROMPT_DIM = 256
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 GROUPS = {
@@ -56,6 +55,7 @@ class SamAdapt(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim, depth, heads, global_attn = cfg.encoder_spec()
+        prompt_dim = cfg.prompt_dim
         size = cfg.image_size
         self.image_encoder = AdaptedImageEncoder(
             img_size=size,
@@ -64,7 +64,7 @@ class SamAdapt(nn.Module):
             num_heads=heads,
             global_attn_indexes=global_attn,
             window_size=cfg.window_size,
-            out_chans=PROMPT_DIM,
+            out_chans=prompt_dim,
         )
         add_peft(self.image_encoder, cfg=cfg)
         self.image_encoder.set_fused_attention(cfg.fused_attention)
@@ -72,22 +72,22 @@ class SamAdapt(nn.Module):
             chosen = cfg.activation_checkpointing_blocks or range(depth)
             self.image_encoder.checkpoint_blocks = frozenset(chosen)
         self.prompt_encoder = PromptEncoder(
-            embed_dim=PROMPT_DIM,
+            embed_dim=prompt_dim,
             image_embedding_size=(size // 16, size // 16),
             input_image_size=(size, size),
             mask_in_chans=16,
         )
         outputs = cfg.num_classes + 1
         self.mask_decoder = BatchedMaskDecoder(
-            num_mask_tokens=outputs if cfg.head == "auto" else 4, transformer_dim=PROMPT_DIM
+            num_mask_tokens=outputs if cfg.head == "auto" else 4, transformer_dim=prompt_dim
         )
         self.head: nn.Module | None = None
         if cfg.head == "auto" and cfg.progressive_upsampling:
-            self.head = ProgressiveUpsampler(PROMPT_DIM // 8)
+            self.head = ProgressiveUpsampler(prompt_dim // 8)
         elif cfg.head == "cnn":
-            self.head = CnnHead(outputs, in_chans=PROMPT_DIM)
+            self.head = CnnHead(outputs, in_chans=prompt_dim)
         elif cfg.head == "linear":
-            self.head = LinearHead(outputs, in_chans=PROMPT_DIM)
+            self.head = LinearHead(outputs, in_chans=prompt_dim)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), False)
 
@@ -234,6 +234,7 @@ class SamAdapt(nn.Module):
         boxes: torch.Tensor | None = None,
         mask_inputs: torch.Tensor | None = None,
         multimask: bool | None = None,
+        frozen_prompt_encoder: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder for P prompts over a batch of B images, in one pass.
 
@@ -245,6 +246,8 @@ class SamAdapt(nn.Module):
           boxes (torch.Tensor or None): (P, 4) x0, y0, x1, y1 in input pixels.
           mask_inputs (torch.Tensor or None): (P, 1, S/4, S/4) logits of a previous prediction.
           multimask (bool or None): 3 masks (SAM's tokens 1-3) or 1 (token 0); None = cfg.
+          frozen_prompt_encoder (bool): run the prompt encoder without gradient (the decoder-only
+            re-prompt steps of the interaction loop: nothing but the decoder gets a gradient).
 
         Returns:
           torch.Tensor: low-resolution mask logits (P, K, S/4, S/4), float32; K = 3 or 1.
@@ -290,7 +293,8 @@ class SamAdapt(nn.Module):
         if mask_inputs is not None:
             mask_inputs = mask_inputs.to(device)
         with self._autocast(device):
-            sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_prompt_encoder):
+                sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
             if sparse.shape[0] != p:  # no prompt at all: the prompt encoder answers batch 1
                 sparse = sparse.expand(p, -1, -1)
             masks, iou = self.mask_decoder(
@@ -385,4 +389,5 @@ class SamAdapt(nn.Module):
             "boxes": batch.get("boxes"),
             "mask_inputs": batch.get("mask_inputs"),
             "multimask": batch.get("multimask"),
+            "frozen_prompt_encoder": bool(batch.get("frozen_prompt_encoder", False)),
         }
