@@ -1,4 +1,5 @@
-# The README's two commands: `make quickstart` and `make test`. Both build .venv first when it is
+# The README's two commands: `make quickstart` (shard, inspect, train + validate on a small
+# synthetic corpus) and `make test`. Both build .venv first when it is
 # missing, so a fresh clone needs nothing but Python 3.10+.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -34,6 +35,9 @@ quickstart: venv
 	$(BIN)/samadapt shard --format sa-med2d $(QUICK)/corpus $(QUICK)/shards \
 		--config configs/debug.yaml
 	$(BIN)/samadapt inspect $(QUICK)/shards --sheet $(QUICK)/contact_sheet.png
+	$(BIN)/samadapt train configs/debug.yaml data.shards=$(QUICK)/shards \
+		run_dir=$(QUICK)/run train.val_every=20 train.resume=auto
+	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(QUICK)/run/mlflow.db"
 
 lint: venv
 	$(BIN)/ruff check pipeline sharding launch tests bench

@@ -45,8 +45,12 @@ def run_local(*, entry: str, argv: list[str], ranks: int) -> int:
         return call_entry(entry, argv)
     port = free_port()
     procs: list[subprocess.Popen] = []
+    # As torchrun: ranks share the cores, so each gets its share of intra-op threads (N ranks x
+    # all-core thread pools oversubscribe a CPU machine and run ~2x slower here).
+    threads = str(max(1, (os.cpu_count() or 1) // ranks))
     for rank in range(ranks):
         env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", threads)
         env.update(
             RANK=str(rank),
             LOCAL_RANK=str(rank),

@@ -16,7 +16,7 @@ from pipeline.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("sharding.run:cli", "corpus -> WebDataset shards + Zarr volumes"),
     "inspect": ("sharding.inspect:cli", "print a shard set's summary, draw a contact sheet"),
-    "train": ("pipeline.train:cli", "fine-tune SAM (interactive or prompt-free), tracked in MLflow"),
+    "train": ("pipeline.train:cli", "train SAM (interactive or prompt-free), tracked in MLflow"),
     "model-info": ("pipeline.model.info:cli", "parameters per model part (total / trainable)"),
     "export": ("pipeline.model.export:cli", "write a model's trained tensors + config (small)"),
 }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # DeepSpeed picks the CPU accelerator (gloo) here; say so explicitly, and keep its one-time
@@ -13,3 +15,24 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+SMALL_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """A learnable shape corpus (bright shapes on noise, SA-Med2D layout), sharded at 64 px."""
+    from pipeline.config import load_config
+    from sharding.run import run_shard
+    from sharding.synthetic import write_sa_med2d
+
+    root = tmp_path_factory.mktemp("small")
+    corpus = write_sa_med2d(root / "corpus", n_cases=12, slices_per_case=4, size=96, seed=1)
+    cfg = load_config(
+        ROOT / "configs/debug.yaml",
+        [f"sharding.image_size={SMALL_SIZE}", "sharding.inputs_per_shard=6", "sharding.workers=1"],
+    ).sharding
+    out = root / "shards"
+    run_shard("sa-med2d", corpus, out, cfg=cfg, workers=1)
+    return out

@@ -1,0 +1,202 @@
+"""Validation during training: Dice and IoU per mask (promptable) or per class (semantic).
+
+Promptable models are scored the way SAM-Med2D reports them: one box prompt, and one point
+prompt, per ground-truth mask, no interaction; the mask with the highest predicted IoU is kept.
+Sums are all-reduced, so every rank returns the same figures over the whole split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.losses import select_best
+from pipeline.steps import prompts_of
+
+
+@dataclass
+class Example:
+    """One validation prediction for an overlay: (H, W, 3) uint8 image, truth and prediction
+    masks (bool) or label maps (int)."""
+
+    image: torch.Tensor
+    truth: torch.Tensor
+    pred: torch.Tensor
+    title: str
+
+
+def dice_iou(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard Dice and IoU per row.
+
+    Arguments:
+      pred, target: (P, ...) 0/1 tensors.
+
+    Returns:
+      dice, iou: (P,) float32; 1.0 where both are empty.
+    """
+    pred, target = pred.flatten(1).float(), target.flatten(1).float()
+    inter = (pred * target).sum(1)
+    total = pred.sum(1) + target.sum(1)
+    union = total - inter
+    dice = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    return dice, iou
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(values)
+    return values
+
+
+def lockstep(loader: Iterable[dict], device: torch.device) -> Iterator[tuple[dict, bool]]:
+    """Yield ``(batch, real)`` until every rank's loader is exhausted.
+
+    An exactly-once eval split gives ranks different batch counts, but a ZeRO-3 forward is a
+    collective (it gathers the partitioned weights): a rank that ran out repeats its last batch
+    with ``real=False`` (not counted) until all ranks are done. One all-reduce per batch.
+    """
+    it = iter(loader)
+    last = None
+    while True:
+        batch = next(it, None)
+        if batch is not None:
+            last = batch
+        if _distributed():
+            more = torch.tensor([0 if batch is None else 1], device=device)
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+            if int(more.item()) == 0:
+                return
+        elif batch is None:
+            return
+        if batch is None and last is None:
+            raise RuntimeError("this rank's validation split is empty while others are not")
+        yield (batch if batch is not None else last), batch is not None
+
+
+def _one_dummy_mask(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    b, _, s, _ = data["image"].shape
+    out = dict(data)
+    out["masks"] = data["image"].new_zeros(b, 1, s, s)
+    out["boxes"] = torch.zeros(b, 1, 4, device=data["image"].device)
+    out["point_coords"] = torch.zeros(b, 1, 1, 2, device=data["image"].device)
+    out["point_labels"] = torch.zeros(b, 1, 1, dtype=torch.long, device=data["image"].device)
+    out["mask_valid"] = torch.zeros(b, 1, dtype=torch.bool, device=data["image"].device)
+    return out
+
+
+@torch.no_grad()
+def validate_interactive(
+    engine: Any,
+    loader: Iterable[dict],
+    *,
+    prompts: tuple[str, ...] = ("box", "point"),
+    keep: int = 0,
+) -> tuple[dict[str, float], list[Example]]:
+    """Mean Dice / IoU over every valid mask of the split, per prompt kind.
+
+    Arguments:
+      keep: examples (image, truth, prediction with the first prompt kind) to return for
+        overlays, from this rank's first batch.
+
+    Returns:
+      ``{"val/dice_box": ..., "val/iou_box": ..., "val/dice_point": ..., ...}`` and the examples.
+    """
+    examples: list[Example] = []
+    sums = torch.zeros(len(prompts), 3, dtype=torch.float64)  # dice, iou, count per prompt
+    for batch, real in lockstep(loader, engine.device):
+        data = {k: v.to(engine.device) for k, v in batch.items() if torch.is_tensor(v)}
+        if data["masks"].shape[1] == 0:
+            data = _one_dummy_mask(data)  # same forwards on every rank (ZeRO-3), none counted
+        p = prompts_of(data)
+        valid = data["mask_valid"].reshape(-1) & real
+        embeddings = engine({"images": data["image"]}, "encode")
+        for i, kind in enumerate(prompts):
+            inputs: dict[str, Any] = {
+                "embeddings": embeddings,
+                "image_index": p["image_index"],
+                "multimask": True,
+            }
+            if kind == "box":
+                inputs["boxes"] = p["boxes"]
+            else:
+                inputs["points"] = (p["point_coords"][:, :1], p["point_labels"][:, :1])
+            logits, iou = engine(inputs, "decode")
+            best, _, _ = select_best(logits, iou)
+            full = torch.nn.functional.interpolate(
+                best, p["target"].shape[-2:], mode="bilinear", align_corners=False
+            )
+            dice, jacc = dice_iou(full > 0, p["target"] > 0.5)
+            if i == 0 and len(examples) < keep and real:
+                for j in torch.nonzero(valid).flatten()[: keep - len(examples)].tolist():
+                    examples.append(
+                        Example(
+                            image=data["image"][p["image_index"][j]].permute(1, 2, 0).cpu(),
+                            truth=p["target"][j, 0].cpu() > 0.5,
+                            pred=full[j, 0].cpu() > 0,
+                            title=f"{kind} dice {float(dice[j]):.3f}",
+                        )
+                    )
+            sums[i, 0] += dice[valid].sum().double().cpu()
+            sums[i, 1] += jacc[valid].sum().double().cpu()
+            sums[i, 2] += valid.sum().double().cpu()
+    sums = _all_reduce(sums.to(engine.device)).cpu()
+    out = {}
+    for i, kind in enumerate(prompts):
+        n = max(float(sums[i, 2]), 1.0)
+        out[f"val/dice_{kind}"] = float(sums[i, 0]) / n
+        out[f"val/iou_{kind}"] = float(sums[i, 1]) / n
+    out["val/masks"] = float(sums[0, 2])
+    return out, examples
+
+
+@torch.no_grad()
+def validate_semantic(
+    engine: Any, loader: Iterable[dict], *, num_classes: int, slices: int = 1, keep: int = 0
+) -> tuple[dict[str, float], list[Example]]:
+    """Per-class Dice over the split (accumulated intersections, so every voxel counts once).
+
+    Returns:
+      ``{"val/dice": mean over classes present, "val/dice_c1": ..., ...}`` and up to ``keep``
+      examples (image, label map, predicted label map) from this rank's first batch.
+    """
+    examples: list[Example] = []
+    inter = torch.zeros(num_classes + 1, dtype=torch.float64)
+    total = torch.zeros(num_classes + 1, dtype=torch.float64)
+    for batch, real in lockstep(loader, engine.device):
+        images = batch["image"].to(engine.device)
+        label = batch["label"].to(engine.device)
+        pred = engine({"images": images, "slices": slices}, "semantic").argmax(1)
+        if not real:
+            continue
+        for j in range(min(keep - len(examples), images.shape[0])):
+            examples.append(
+                Example(
+                    image=images[j].permute(1, 2, 0).cpu(),
+                    truth=label[j].cpu(),
+                    pred=pred[j].cpu(),
+                    title="semantic",
+                )
+            )
+        for c in range(1, num_classes + 1):
+            p, t = pred == c, label == c
+            inter[c] += (p & t).sum().double().cpu()
+            total[c] += (p.sum() + t.sum()).double().cpu()
+    both = _all_reduce(torch.stack([inter, total]).to(engine.device)).cpu()
+    inter, total = both[0], both[1]
+    out, dices = {}, []
+    for c in range(1, num_classes + 1):
+        if total[c] > 0:
+            d = float(2 * inter[c] / total[c])
+            out[f"val/dice_c{c}"] = d
+            dices.append(d)
+    out["val/dice"] = sum(dices) / len(dices) if dices else 0.0
+    return out, examples

@@ -1,0 +1,190 @@
+"""One training batch: SAM-Med2D's simulated interaction (nine steps), or a prompt-free step.
+
+The rules, as SAM-Med2D's ``train.py`` runs them (``pipeline/interact.py`` documents each with its
+line in the reference), every deviation a config option:
+
+* the image encoder runs once per batch, inside step 0's forward;
+* step 0 prompts with a box (p = 0.5) or one foreground point; its update covers the encoder
+  adapters, the prompt encoder and the mask decoder;
+* steps 1..n-1 reuse the detached image embeddings; the prompt encoder runs without gradient and
+  only the mask decoder is updated; each re-prompts with k clicks from the current error region
+  (k from {1, 3, 5, 9}, once per step) plus the previous low-resolution mask (sigmoid
+  probabilities by default); one random step and the last step are mask-only;
+* multimask output; the loss is taken on the mask with the highest predicted IoU:
+  20 focal + dice + MSE(IoU prediction, IoU);
+* each step is its own optimizer step, or, with ``train.sum_interaction_losses``, the losses are
+  summed into one update (SAM-Med3D).
+
+Everything is batched over the B x M prompts of a batch on the device: no Python loop over masks
+and no host round-trip inside the loop (the per-step losses come back in one transfer at the end).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.interact import mask_prompt, plan_interaction, sample_clicks
+from pipeline.losses import ce_dice_loss, sam_med2d_loss, select_best
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    keys = ("image", "masks", "boxes", "point_coords", "point_labels", "label")
+    return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+
+
+def prompts_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Flatten the (B, M, ...) prompts of a collated batch to (P = B*M, ...)."""
+    b, m = batch["masks"].shape[:2]
+    size = batch["masks"].shape[-1]
+    return {
+        "target": batch["masks"].reshape(b * m, 1, size, size).float(),
+        "image_index": torch.arange(b, device=batch["masks"].device).repeat_interleave(m),
+        "boxes": batch["boxes"].reshape(b * m, 4),
+        "point_coords": batch["point_coords"].reshape(b * m, -1, 2),
+        "point_labels": batch["point_labels"].reshape(b * m, -1),
+    }
+
+
+def _loss(logits: torch.Tensor, iou: torch.Tensor, target: torch.Tensor, train: TrainConfig):
+    best_low, best_iou, _ = select_best(logits, iou)
+    full = torch.nn.functional.interpolate(
+        best_low, target.shape[-2:], mode="bilinear", align_corners=False
+    )
+    loss, parts = sam_med2d_loss(
+        full,
+        target,
+        best_iou,
+        focal_weight=train.focal_weight,
+        dice_weight=train.dice_weight,
+        iou_weight=train.iou_weight,
+    )
+    return loss, parts, best_low, full
+
+
+def interactive_step(
+    engine: Any,
+    batch: dict[str, Any],
+    *,
+    train: TrainConfig,
+    step: int,
+    plan_generator: torch.Generator,
+    click_generator: torch.Generator,
+    phases: tuple[str, ...],
+) -> dict[str, torch.Tensor]:
+    """Run the n-step simulated interaction on one batch and update the model.
+
+    Arguments:
+      engine: a ``pipeline.engine.Engine`` around a ``SamAdapt`` with head=sam.
+      batch: a collated interactive batch (``pipeline.data.collate``): image (B, 3, S, S) uint8,
+        masks (B, M, S, S), boxes (B, M, 4), point_coords (B, M, n, 2), point_labels (B, M, n).
+      train: the training section.
+      step: the trainer's step counter (for the learning-rate schedule).
+      plan_generator: CPU generator for the step plan (box or point, mask-only step, k).
+      click_generator: generator on the engine's device for click sampling.
+      phases: all trainable phases (updated in step 0).
+
+    Returns:
+      Detached device tensors: ``loss_steps`` (n,) and ``focal``/``dice``/``iou`` (n,) per step,
+      ``prompt_kind`` (0 box, 1 point), ``mask_only`` (n,) 0/1.
+    """
+    data = _to(batch, engine.device)
+    p = prompts_of(data)
+    target, image_index = p["target"], p["image_index"]
+    plan = plan_interaction(
+        train.interaction_steps,
+        generator=plan_generator,
+        first_prompt_box_prob=train.first_prompt_box_prob,
+        click_choices=tuple(train.click_choices),
+        random_mask_only=train.random_mask_only,
+    )
+    summed = train.sum_interaction_losses
+    losses, parts_per_step = [], []
+
+    first = plan[0]
+    inputs: dict[str, Any] = {
+        "images": data["image"],
+        "image_index": image_index,
+        "multimask": True,
+    }
+    if first.uses_box:
+        inputs["boxes"] = p["boxes"]
+    else:
+        inputs["points"] = (p["point_coords"][:, :1], p["point_labels"][:, :1])
+    logits, iou, embeddings = engine(inputs, "prompt")
+    loss, parts, prev_low, prev_full = _loss(logits, iou, target, train)
+    losses.append(loss)
+    parts_per_step.append(parts)
+    if summed:
+        total = loss
+    else:
+        engine.backward(loss)
+        engine.step(phases, step=step)
+
+    # The re-prompt steps train the decoder only: the embeddings are cut from the graph and the
+    # prompt encoder runs without gradient (as SAM-Med2D), so no other tensor gets a gradient.
+    embeddings = embeddings.detach()
+    for s in plan[1:]:
+        inputs = {
+            "embeddings": embeddings,
+            "image_index": image_index,
+            "multimask": True,
+            "frozen_prompt_encoder": True,
+            "mask_inputs": mask_prompt(prev_low, as_probs=train.mask_prompt_as_probs),
+        }
+        if s.uses_points:
+            coords, labels = sample_clicks(
+                prev_full.detach(), target, k=s.clicks, generator=click_generator
+            )
+            inputs["points"] = (coords, labels)
+        logits, iou = engine(inputs, "decode")
+        loss, parts, prev_low, prev_full = _loss(logits, iou, target, train)
+        prev_low, prev_full = prev_low.detach(), prev_full.detach()
+        losses.append(loss)
+        parts_per_step.append(parts)
+        if summed:
+            total = total + loss
+        else:
+            engine.backward(loss)
+            engine.step(("mask_decoder",), step=step)
+    if summed:
+        engine.backward(total)
+        engine.step(phases, step=step)
+
+    return {
+        "loss_steps": torch.stack([v.detach() for v in losses]),
+        "focal": torch.stack([d["focal"] for d in parts_per_step]),
+        "dice": torch.stack([d["dice"] for d in parts_per_step]),
+        "iou": torch.stack([d["iou"] for d in parts_per_step]),
+        "prompt_kind": torch.tensor(0 if first.uses_box else 1),
+        "mask_only": torch.tensor([1 if s.kind == "mask_only" else 0 for s in plan]),
+    }
+
+
+def semantic_step(
+    engine: Any,
+    batch: dict[str, Any],
+    *,
+    train: TrainConfig,
+    step: int,
+    phases: tuple[str, ...],
+    slices: int = 1,
+) -> dict[str, torch.Tensor]:
+    """One prompt-free step (SAMed / MA-SAM / AutoSAM): CE + Dice on the multi-class logits.
+
+    Arguments:
+      batch: image (N, 3, S, S) uint8 and label (N, S, S) int64 (N = B*D for D-slice stacks).
+
+    Returns:
+      Detached device tensors ``loss``, ``ce``, ``dice``.
+    """
+    data = _to(batch, engine.device)
+    logits = engine({"images": data["image"], "slices": slices}, "semantic")
+    loss, parts = ce_dice_loss(
+        logits, data["label"], ce_weight=train.ce_weight, dice_weight=train.semantic_dice_weight
+    )
+    engine.backward(loss)
+    engine.step(phases, step=step)
+    return {"loss": loss.detach(), "ce": parts["ce"], "dice": parts["dice"]}

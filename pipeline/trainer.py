@@ -1,0 +1,332 @@
+"""A small trainer that counts steps, not epochs.
+
+``Trainer(cfg, env).train()`` builds the model, the DeepSpeed engine, the data stream and the
+MLflow run, then loops: ``train_step`` -> log -> validate -> checkpoint, all called by name. The
+data position (epoch, batches taken in it), the step, the RNG streams and the MLflow run id are
+in every checkpoint, so ``train.resume=auto`` continues exactly where a killed run was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.checkpoint import (
+    EXIT_REQUEUE,
+    install_signal_handlers,
+    latest_complete,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    should_stop,
+)
+from pipeline.config import Config, ConfigError, flatten, save_config
+from pipeline.data.stream import build_eval_loader, build_train_loader
+from pipeline.distributed import DistEnv
+from pipeline.engine import build_engine
+from pipeline.evaluate import validate_interactive, validate_semantic
+from pipeline.model import build_model, export_trainable
+from pipeline.overlay import write_overlays
+from pipeline.steps import interactive_step, semantic_step
+from pipeline.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_config(cfg: Config) -> None:
+    """Combinations that cannot work fail here, before anything is built, naming the key."""
+    interactive = cfg.train.mode == "interactive"
+    if interactive and cfg.model.head != "sam":
+        raise ConfigError(
+            f"model.head={cfg.model.head} is prompt-free: it needs train.mode=semantic "
+            "(train.mode=interactive trains SAM's promptable decoder, model.head=sam)"
+        )
+    if not interactive and cfg.model.head == "sam":
+        raise ConfigError(
+            "train.mode=semantic needs a prompt-free head: model.head=auto|cnn|linear"
+        )
+    if interactive and not cfg.train.sum_interaction_losses and cfg.train.grad_accum != 1:
+        raise ConfigError(
+            f"train.grad_accum={cfg.train.grad_accum}: each interaction step is its own optimizer "
+            "step; accumulate with train.sum_interaction_losses=true or use a larger batch"
+        )
+    if not cfg.data.shards:
+        raise ConfigError("data.shards is empty: point it at the output of samadapt shard")
+    existing = None if cfg.train.resume else latest_complete(cfg.run_dir)
+    if existing is not None:
+        # Never overwrite a run's checkpoints by starting it again from scratch.
+        raise ConfigError(
+            f"run_dir {cfg.run_dir} already holds checkpoint {existing.name}: pass "
+            "train.resume=auto to continue that run, or choose another run_dir"
+        )
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv):
+        check_config(cfg)
+        self.cfg = cfg
+        self.env = env
+        self.run_dir = Path(cfg.run_dir)
+        self.step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.interactive = cfg.train.mode == "interactive"
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg=cfg.model)
+        groups = self.model.param_groups()
+        self.phases = tuple(groups)
+        self.engine = build_engine(
+            model=self.model,
+            param_groups=groups,
+            train=cfg.train,
+            batch_size=cfg.data.batch_size,
+            env=env,
+        )
+        # The step plan (box or point first, which step is mask-only, k) is the same on every
+        # rank: a prompt kind decides which prompt-encoder weights get a gradient, and ZeRO's
+        # gradient buckets must match across ranks. A CPU generator: it drives control flow.
+        # Clicks differ per rank and are drawn on the device.
+        self.plan_gen = torch.Generator().manual_seed(cfg.seed * 1009)
+        self.click_gen = torch.Generator(device=self.engine.device)
+        self.click_gen.manual_seed(cfg.seed * 2003 + env.rank)
+        self.generators = {"plan": self.plan_gen, "click": self.click_gen}
+
+        self.tracker = Tracker(main=env.is_main)
+        self.run_id: str | None = None
+        self.stop_flag = install_signal_handlers()
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def _loader(self, epoch: int):
+        return build_train_loader(
+            cfg=self.cfg.data,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            epoch=epoch,
+            mode="interactive" if self.interactive else "semantic",
+        )
+
+    def _batches(self):
+        """Endless batches; (epoch, batches_in_epoch) is the exact data position."""
+        while True:
+            loader = self._loader(self.epoch)
+            it = iter(loader)
+            for _ in range(self.batches_in_epoch):  # resume: replay the consumed part
+                next(it)
+            for batch in it:
+                self.batches_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batches_in_epoch = 0
+
+    def data_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.interactive:
+            return interactive_step(
+                self.engine,
+                batch,
+                train=self.cfg.train,
+                step=self.step,
+                plan_generator=self.plan_gen,
+                click_generator=self.click_gen,
+                phases=self.phases,
+            )
+        return semantic_step(
+            self.engine,
+            batch,
+            train=self.cfg.train,
+            step=self.step,
+            phases=self.phases,
+            slices=self.cfg.model.slices,
+        )
+
+    def _metrics(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, float]:
+        # One device -> host transfer per step for all the figures.
+        host = {k: v.detach().float().cpu() for k, v in out.items()}
+        if self.interactive:
+            steps = host["loss_steps"]
+            if not torch.isfinite(steps).all():
+                bad = int((~torch.isfinite(steps)).nonzero()[0, 0]) + 1
+                raise NonFiniteLoss(
+                    f"step {self.step}: non-finite loss at interaction step {bad} of batch "
+                    f"{batch.get('keys')}"
+                )
+            metrics = {"loss": float(steps.mean())}
+            metrics.update({f"loss_step{i + 1}": float(v) for i, v in enumerate(steps)})
+            for part in ("focal", "dice", "iou"):
+                metrics[part] = float(host[part].mean())
+            metrics["first_prompt_point"] = float(host["prompt_kind"])
+        else:
+            if not torch.isfinite(host["loss"]):
+                raise NonFiniteLoss(
+                    f"step {self.step}: non-finite loss on batch {batch.get('keys')}"
+                )
+            metrics = {k: float(v) for k, v in host.items()}
+        metrics.update({f"lr/{k}": v for k, v in self.engine.lr.items()})
+        return metrics
+
+    def train(self) -> int:
+        cfg = self.cfg
+        resumed = self._resume()
+        if self.env.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.run_id = self.tracker.start(
+            cfg=cfg.tracking,
+            run_dir=self.run_dir,
+            params=flatten(cfg),
+            resume_run_id=resumed,
+        )
+        if self.tracker.active and self.step == 0:
+            self.tracker.log_artifact(self.run_dir / "config.yaml")
+            self.tracker.log_dict(self.engine.config, "deepspeed_config.json")
+
+        images_per_step = cfg.data.batch_size * self.env.world_size
+        batches = self._batches()
+        window_start, window_images = time.perf_counter(), 0
+        status = "FINISHED"
+        try:
+            while self.step < cfg.train.steps:
+                batch = next(batches)
+                out = self.train_step(batch)
+                metrics = self._metrics(out, batch)
+                self.step += 1
+                window_images += images_per_step
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                    elapsed = time.perf_counter() - window_start
+                    metrics["images_per_s"] = window_images / max(elapsed, 1e-9)
+                    window_start, window_images = time.perf_counter(), 0
+                    self.tracker.log_metrics(metrics, step=self.step)
+                    self._log_line(metrics)
+                if cfg.train.val_every and self.step % cfg.train.val_every == 0:
+                    self.validate()
+                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                    self.checkpoint()
+                if should_stop(self.stop_flag):
+                    self.checkpoint()
+                    status = "KILLED"
+                    return self._preempted()
+            if cfg.train.val_every and self.step % cfg.train.val_every != 0:
+                self.validate()
+            if not (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
+                self.checkpoint()
+            self._export()
+            return 0
+        except NonFiniteLoss as err:
+            status = "FAILED"
+            kept = latest_complete(self.run_dir)
+            log.error("%s; the last good checkpoint is %s", err, kept)
+            raise
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            self.tracker.end(status)
+
+    # -- called by name ------------------------------------------------------------------------
+
+    def _log_line(self, metrics: dict[str, float]) -> None:
+        if not self.env.is_main:
+            return
+        main = "loss" if "loss" in metrics else next(iter(metrics))
+        log.info(
+            "step %d/%d  %s %.4f  %.2f img/s  epoch %d",
+            self.step,
+            self.cfg.train.steps,
+            main,
+            metrics[main],
+            metrics.get("images_per_s", math.nan),
+            self.epoch,
+        )
+
+    def validate(self) -> dict[str, float]:
+        cfg = self.cfg
+        loader = build_eval_loader(
+            cfg=cfg.data,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            split=cfg.data.val_split,
+            mode="interactive" if self.interactive else "semantic",
+        )
+        self.engine.eval()
+        try:
+            keep = cfg.eval.overlays if self.env.is_main else 0
+            if self.interactive:
+                metrics, examples = validate_interactive(self.engine, loader, keep=keep)
+            else:
+                metrics, examples = validate_semantic(
+                    self.engine,
+                    loader,
+                    num_classes=cfg.model.num_classes,
+                    slices=cfg.model.slices,
+                    keep=keep,
+                )
+            if examples and self.tracker.active:
+                name = f"overlays/step-{self.step:07d}"
+                for path in write_overlays(examples, self.run_dir / name):
+                    self.tracker.log_artifact(path, artifact_path=name)
+        finally:
+            self.engine.train()
+        self.tracker.log_metrics(metrics, step=self.step)
+        if self.env.is_main:
+            log.info("validation at step %d: %s", self.step, _short(metrics))
+        return metrics
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(
+            self.engine,
+            run_dir=self.run_dir,
+            step=self.step,
+            data_state=self.data_state(),
+            run_id=self.run_id,
+            generators=self.generators,
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
+    def _resume(self) -> str | None:
+        path = resolve_resume(self.cfg.train.resume, self.run_dir)
+        if path is None:
+            return None
+        resumed = load_checkpoint(self.engine, path, generators=self.generators)
+        self.step = resumed.step
+        self.epoch = int(resumed.data_state["epoch"])
+        self.batches_in_epoch = int(resumed.data_state["batches_in_epoch"])
+        return resumed.run_id
+
+    def _export(self) -> None:
+        tensors = self.engine.trainable_state_dict()  # collective: gathers ZeRO-3 partitions
+        if not self.env.is_main:
+            return
+        path = self.run_dir / "export" / "trainable.pt"
+        meta = {"step": self.step, "run_id": self.run_id}
+        export_trainable(self.engine.module, path, tensors=tensors, meta=meta)
+        self.tracker.log_artifact(path, artifact_path="export")
+
+    def _preempted(self) -> int:
+        """After the checkpoint: hand the signal to whoever handled it before us (submitit
+        requeues the job on SIGUSR1), else exit as if killed by it."""
+        signum = self.stop_flag.signum or signal.SIGTERM
+        self.stop_flag.restore()
+        log.warning("checkpoint written at step %d; stopping on %s", self.step, signum)
+        if signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            os.kill(os.getpid(), signum)
+        return EXIT_REQUEUE
+
+
+def _short(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items())

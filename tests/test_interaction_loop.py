@@ -1,0 +1,168 @@
+"""The nine-step loop on a real DeepSpeed engine: order, prompts, and who may move when.
+
+A recorder wraps the real engine (it only forwards and writes down): it sees every forward's
+prompts and every update's active phases, and snapshots weights and Adam state after each
+update, so the rules of pipeline/steps.py are checked on what actually ran.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.multiprocessing as mp
+from conftest import ROOT, SMALL_SIZE
+
+from pipeline.config import load_config
+from pipeline.distributed import DistEnv, free_port, init_distributed
+
+N_STEPS = 9
+
+
+class Recorder:
+    def __init__(self, engine):
+        self.engine = engine
+        self.forwards: list[dict] = []
+        self.updates: list[tuple[str, ...]] = []
+        self.snapshots: list[dict[str, dict[str, torch.Tensor]]] = []
+
+    @property
+    def device(self):
+        return self.engine.device
+
+    def __call__(self, inputs, mode):
+        points = inputs.get("points")
+        self.forwards.append(
+            {
+                "mode": mode,
+                "box": inputs.get("boxes") is not None,
+                "points": None if points is None else points[1].clone(),
+                "mask": inputs.get("mask_inputs") is not None,
+                "frozen_pe": bool(inputs.get("frozen_prompt_encoder", False)),
+            }
+        )
+        return self.engine(inputs, mode)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def step(self, active, *, step):
+        self.updates.append(tuple(sorted(active)))
+        self.engine.step(active, step=step)
+        self.snapshots.append(self._snapshot())
+
+    def _snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per phase: the fp32 master partition and its Adam moments and step count."""
+        inner = self.engine.optimizer
+        out = {}
+        for group in inner.param_groups:
+            flat = torch.cat([p.detach().flatten().clone() for p in group["params"]])
+            states = [inner.state.get(p, {}) for p in group["params"]]
+            moments = [s["exp_avg"].flatten().clone() for s in states if "exp_avg" in s]
+            out[group["phase"]] = {
+                "weights": flat,
+                "exp_avg": torch.cat(moments) if moments else torch.zeros(0),
+                "step": torch.tensor([float(s.get("step", 0)) for s in states]),
+            }
+        return out
+
+
+def _worker(rank: int, port: int, shards: str, out: str) -> None:
+    from pipeline.data.stream import build_train_loader
+    from pipeline.engine import build_engine
+    from pipeline.model import build_model
+    from pipeline.steps import interactive_step
+
+    env = DistEnv(rank, rank, 1, 1, "127.0.0.1", port, "gloo")
+    init_distributed(env)
+    cfg = load_config(
+        ROOT / "configs/debug.yaml",
+        [
+            f"data.shards={shards}",
+            f"data.image_size={SMALL_SIZE}",
+            f"model.image_size={SMALL_SIZE}",
+            "data.num_workers=0",
+            "train.lr=1e-2",
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg=cfg.model)
+    groups = model.param_groups()
+    engine = build_engine(
+        model=model, param_groups=groups, train=cfg.train, batch_size=cfg.data.batch_size, env=env
+    )
+    loader = build_train_loader(cfg=cfg.data, rank=0, world_size=1)
+    batch = next(iter(loader))
+    records = []
+    for seed in range(3):  # three batches: different plans
+        rec = Recorder(engine)
+        interactive_step(
+            rec,
+            batch,
+            train=cfg.train,
+            step=seed,
+            plan_generator=torch.Generator().manual_seed(seed),
+            click_generator=torch.Generator().manual_seed(seed),
+            phases=tuple(groups),
+        )
+        records.append(
+            {
+                "forwards": rec.forwards,
+                "updates": rec.updates,
+                "snapshots": rec.snapshots,
+                "phases": tuple(groups),
+            }
+        )
+    torch.save(records, out)
+
+
+def test_nine_steps_order_prompts_and_update_rule(small_shards, tmp_path):
+    out = tmp_path / "records.pt"
+    mp.spawn(_worker, args=(free_port(), str(small_shards), str(out)), nprocs=1, join=True)
+    records = torch.load(out, weights_only=False)
+    for rec in records:
+        fw, updates, snaps = rec["forwards"], rec["updates"], rec["snapshots"]
+        phases = rec["phases"]
+        assert set(phases) == {"encoder_peft", "prompt_encoder", "mask_decoder"}
+        assert len(fw) == N_STEPS and len(updates) == N_STEPS
+
+        # step 1: encoder + prompt in one forward, a box XOR one foreground point, no mask
+        first = fw[0]
+        assert first["mode"] == "prompt" and not first["mask"] and not first["frozen_pe"]
+        assert first["box"] != (first["points"] is not None)
+        if first["points"] is not None:
+            assert first["points"].shape[1] == 1 and bool((first["points"] == 1).all())
+        assert updates[0] == tuple(sorted(phases))
+
+        # steps 2-9: decoder only, previous mask always fed, never a box
+        mask_only = []
+        for i, f in enumerate(fw[1:], start=1):
+            assert f["mode"] == "decode" and f["mask"] and f["frozen_pe"] and not f["box"]
+            assert updates[i] == ("mask_decoder",)
+            if f["points"] is None:
+                mask_only.append(i)
+            else:
+                assert f["points"].shape[1] in (1, 3, 5, 9)
+                assert set(f["points"].unique().tolist()) <= {-1, 0, 1}
+        assert mask_only[-1] == N_STEPS - 1, "the last step is mask-only"
+        assert len(mask_only) == 2 and 2 <= mask_only[0] <= N_STEPS - 2
+
+        # the update rule: after step 1, nothing but the mask decoder moves, Adam state included
+        for phase in ("encoder_peft", "prompt_encoder"):
+            ref = snaps[0][phase]
+            for later in snaps[1:]:
+                for key in ("weights", "exp_avg", "step"):
+                    assert torch.equal(later[phase][key], ref[key]), (phase, key)
+        decoder = [s["mask_decoder"]["weights"] for s in snaps]
+        assert all(not torch.equal(a, b) for a, b in zip(decoder[:-1], decoder[1:], strict=True))
+    # the plan differs between batches (seeded per batch here)
+    kinds = {
+        (
+            r["forwards"][0]["box"],
+            tuple(
+                i
+                for i, f in enumerate(r["forwards"])
+                if f["points"] is None and f["mode"] == "decode"
+            ),
+        )
+        for r in records
+    }
+    assert len(kinds) > 1

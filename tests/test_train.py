@@ -1,0 +1,165 @@
+"""``samadapt train`` end to end: 2 CPU ranks, real DeepSpeed (gloo), real shards, real MLflow.
+
+A tiny SAM learns a shape task (bright discs and boxes on noise) from shards made in tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT, SMALL_SIZE
+from mlflow.tracking import MlflowClient
+
+SIZE = SMALL_SIZE
+
+
+def _overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"run_dir={run_dir}",
+        f"data.shards={shards}",
+        f"data.image_size={SIZE}",
+        f"model.image_size={SIZE}",
+        "data.num_workers=1",
+        "launch.ranks=2",
+        *extra,
+    ]
+
+
+def _train(
+    shards: Path, run_dir: Path, *extra: str, timeout: float = 400
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs/debug.yaml")]
+    cmd += _overrides(shards, run_dir, *extra)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _history(run_dir: Path, key: str) -> dict[int, float]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve()}/mlflow.db")
+    runs = client.search_runs(client.search_experiments()[0].experiment_id)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, key)}
+
+
+def test_interactive_zero2_learns_and_tracks(small_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _train(
+        small_shards,
+        run_dir,
+        "train.steps=40",
+        "train.log_every=1",
+        "train.lr=1e-3",
+        "train.checkpoint_every=20",
+        "train.val_every=40",
+        "train.zero_stage=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve()}/mlflow.db")
+    (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
+    assert run.data.params["train.zero_stage"] == "2"
+    assert run.data.params["model.arch"] == "tiny"
+    assert run.data.tags["world_size"] == "2"
+    for i in range(1, 10):
+        assert len(client.get_metric_history(run.info.run_id, f"loss_step{i}")) == 40
+    assert "val/dice_box" in run.data.metrics
+    loss = _history(run_dir, "loss")
+    first = sum(loss[s] for s in range(1, 5)) / 4
+    last = sum(loss[s] for s in range(33, 41)) / 8
+    assert last < 0.8 * first, (first, last)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "deepspeed_config.json", "export"} <= artifacts
+    overlays = client.list_artifacts(run.info.run_id, "overlays/step-0000040")
+    assert len(overlays) == 4, "validation overlays were not logged"
+    _check_export(run_dir / "export" / "trainable.pt")
+
+
+def _check_export(path: Path) -> None:
+    """The adapter export holds exactly the trainable tensors and loads onto a fresh model."""
+    from pipeline.model import load_exported
+
+    model = load_exported(path)
+    assert set(model.trainable_state_dict()) == set(model.trainable_names)
+    assert any("adapter" in name.lower() for name in model.trainable_names)
+
+
+def test_interactive_zero3(small_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ("train.steps=6", "train.log_every=1", "train.lr=1e-3", "train.zero_stage=3")
+    proc = _train(small_shards, run_dir, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loss = _history(run_dir, "loss")
+    assert sorted(loss) == list(range(1, 7))
+    assert loss[6] < loss[1], loss
+    _check_export(run_dir / "export" / "trainable.pt")
+
+
+def test_kill_and_resume_continues_exactly(small_shards, tmp_path):
+    args = ("train.steps=8", "train.log_every=1", "train.checkpoint_every=2", "train.zero_stage=2")
+    straight = tmp_path / "straight"
+    proc = _train(small_shards, straight, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = _history(straight, "loss")
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs/debug.yaml")]
+    cmd += _overrides(small_shards, killed, *args)
+    victim = subprocess.Popen(
+        cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    marker = killed / "checkpoints" / "step-0000004" / "COMPLETE"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the run never reached its step-4 checkpoint"
+    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both ranks, no chance to clean up
+    victim.wait()
+
+    proc = _train(small_shards, killed, *args, "train.resume=auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = _history(killed, "loss")
+    assert sorted(resumed) == list(range(1, 9))
+    # bitwise: the same floats, step for step, before and after the kill
+    assert [resumed[s] for s in range(1, 9)] == [expected[s] for s in range(1, 9)]
+
+
+def test_half_written_checkpoint_is_skipped(small_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ("train.steps=4", "train.checkpoint_every=2", "train.log_every=1")
+    assert _train(small_shards, run_dir, *args).returncode == 0
+    ckpts = run_dir / "checkpoints"
+    # a later checkpoint whose save was killed: folder there, no COMPLETE marker
+    (ckpts / "step-0000006").mkdir()
+    (ckpts / "step-0000006" / "junk").write_text("half")
+    proc = _train(
+        small_shards,
+        run_dir,
+        "train.steps=6",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        "train.resume=auto",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step-0000004" in proc.stderr
+    assert (ckpts / "step-0000006" / "COMPLETE").exists()
+
+
+def test_impossible_combination_fails_at_start(small_shards, tmp_path):
+    proc = _train(small_shards, tmp_path / "r", "model.head=auto")
+    assert proc.returncode == 2
+    assert "model.head=auto" in proc.stderr and "train.mode" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_fresh_start_never_overwrites_a_run(small_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step-0000002").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-0000002" / "COMPLETE").write_text("2\n")
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    proc = _train(small_shards, run_dir, "train.steps=4")
+    assert proc.returncode == 2
+    assert "train.resume=auto" in proc.stderr and "step-0000002" in proc.stderr
+    assert sorted(p.name for p in run_dir.rglob("*")) == before
