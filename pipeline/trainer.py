@@ -29,6 +29,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import Config, ConfigError, flatten, save_config
 from pipeline.data.stream import build_eval_loader, build_train_loader
+from pipeline.data.volume import VolumeSliceDataset, build_volume_loader
 from pipeline.distributed import DistEnv
 from pipeline.engine import build_engine
 from pipeline.evaluate import validate_interactive, validate_semantic
@@ -42,6 +43,15 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def flatten_stacks(batch: dict[str, Any]) -> dict[str, Any]:
+    """(B, D, ...) slice stacks -> (B*D, ...), each stack's D slices consecutive."""
+    out = dict(batch)
+    for key in ("image", "label"):
+        value = batch[key]
+        out[key] = value.reshape(-1, *value.shape[2:])
+    return out
 
 
 def check_config(cfg: Config) -> None:
@@ -61,7 +71,17 @@ def check_config(cfg: Config) -> None:
             f"train.grad_accum={cfg.train.grad_accum}: each interaction step is its own optimizer "
             "step; accumulate with train.sum_interaction_losses=true or use a larger batch"
         )
-    if not cfg.data.shards:
+    if cfg.data.volumes and interactive:
+        raise ConfigError(
+            "data.volumes (3D slice stacks) feeds prompt-free training: set train.mode=semantic "
+            "or train from data.shards"
+        )
+    if cfg.data.volumes and cfg.data.slices != cfg.model.slices:
+        raise ConfigError(
+            f"data.slices={cfg.data.slices} must equal model.slices={cfg.model.slices} (the "
+            "3D adapters see the stack depth)"
+        )
+    if not cfg.data.shards and not cfg.data.volumes:
         raise ConfigError("data.shards is empty: point it at the output of samadapt shard")
     existing = None if cfg.train.resume else latest_complete(cfg.run_dir)
     if existing is not None:
@@ -109,14 +129,34 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------
 
-    def _loader(self, epoch: int):
-        return build_train_loader(
-            cfg=self.cfg.data,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            epoch=epoch,
-            mode="interactive" if self.interactive else "semantic",
-        )
+    def _loader(self, epoch: int, *, split: str | None = None):
+        """Training batches of one epoch; with ``split``, the evaluation batches of that split.
+
+        2D samples come from the shards; with ``data.volumes`` set (prompt-free training of 3D
+        adapters), stacks of ``data.slices`` adjacent slices come from the Zarr store and are
+        flattened to (B*D, ...) with each stack's slices consecutive, as the model expects.
+        """
+        cfg = self.cfg
+        if cfg.data.volumes and not self.interactive:
+            dataset = VolumeSliceDataset(
+                cfg.data.volumes, cfg=cfg.data, split=split or cfg.data.train_split
+            )
+            loader = build_volume_loader(
+                dataset,
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+                batch_size=cfg.data.batch_size,
+                shuffle=split is None,
+                epoch=epoch,
+                num_workers=cfg.data.num_workers,
+                seed=cfg.seed,
+            )
+            return map(flatten_stacks, loader)
+        mode = "interactive" if self.interactive else "semantic"
+        kwargs = dict(cfg=cfg.data, rank=self.env.rank, world_size=self.env.world_size, mode=mode)
+        if split is not None:
+            return build_eval_loader(split=split, **kwargs)
+        return build_train_loader(epoch=epoch, **kwargs)
 
     def _batches(self):
         """Endless batches; (epoch, batches_in_epoch) is the exact data position."""
@@ -256,13 +296,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         cfg = self.cfg
-        loader = build_eval_loader(
-            cfg=cfg.data,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            split=cfg.data.val_split,
-            mode="interactive" if self.interactive else "semantic",
-        )
+        loader = self._loader(0, split=cfg.data.val_split)
         self.engine.eval()
         try:
             keep = cfg.eval.overlays if self.env.is_main else 0
