@@ -317,11 +317,6 @@ class ModelConfig:
             "prompt_dim",
             f"must be a multiple of 16, got {self.prompt_dim}",
         )
-        _require(
-            not self.checkpoint or self.prompt_dim == 256,
-            "prompt_dim",
-            f"must be 256 to load Meta's checkpoint {self.checkpoint} (got {self.prompt_dim})",
-        )
         _require(self.lora_rank >= 1, "lora_rank", "must be >= 1")
         _require(self.fact_rank >= 1, "fact_rank", "must be >= 1")
         _require(0.0 <= self.fact_dropout < 1.0, "fact_dropout", "must be in [0, 1)")

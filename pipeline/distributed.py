@@ -248,10 +248,11 @@ def setup_logging(level: int = logging.INFO) -> None:
     errors come from every rank, prefixed ``[rank N]``, since they may differ. Idempotent.
     """
     root = logging.getLogger()
-    for handler in root.handlers:
+    for handler in list(root.handlers):
         if getattr(handler, "_samadapt", False):
             root.setLevel(level)
             return
+        root.removeHandler(handler)  # e.g. the CLI's basicConfig: one line per record, not two
     handler = logging.StreamHandler()
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(where)s%(name)s: %(message)s", "%H:%M:%S")

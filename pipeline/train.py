@@ -15,6 +15,8 @@ from pipeline.config import load_config
 log = logging.getLogger(__name__)
 
 ENTRY = "pipeline.train:worker"
+EXIT_NON_FINITE = 3
+"""Exit code of a run stopped by a NaN/Inf loss (its last checkpoint is from before it)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 def worker(argv: list[str]) -> int:
     """One rank: the torch.distributed variables are in the environment (or absent: 1 rank)."""
     from pipeline.distributed import cleanup, dist_env, init_distributed, setup_logging
-    from pipeline.trainer import Trainer
+    from pipeline.trainer import NonFiniteLoss, Trainer
 
     args = _parser().parse_args(argv)
     setup_logging()
@@ -39,6 +41,9 @@ def worker(argv: list[str]) -> int:
     init_distributed(env)
     try:
         return Trainer(cfg, env).train()
+    except NonFiniteLoss as err:
+        log.error("stopped: %s", err)
+        return EXIT_NON_FINITE
     finally:
         cleanup()
 

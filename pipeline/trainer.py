@@ -270,8 +270,7 @@ class Trainer:
         except NonFiniteLoss as err:
             status = "FAILED"
             kept = latest_complete(self.run_dir)
-            log.error("%s; the last good checkpoint is %s", err, kept)
-            raise
+            raise NonFiniteLoss(f"{err}; the last good checkpoint is {kept}") from None
         except BaseException:
             status = "FAILED"
             raise

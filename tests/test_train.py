@@ -163,3 +163,41 @@ def test_fresh_start_never_overwrites_a_run(small_shards, tmp_path):
     assert proc.returncode == 2
     assert "train.resume=auto" in proc.stderr and "step-0000002" in proc.stderr
     assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_shards, tmp_path):
+    """A base checkpoint whose frozen weights hold a NaN: the first step on it stops the run."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.model import build_model
+
+    cfg = load_config(
+        ROOT / "configs/debug.yaml",
+        [f"model.image_size={SIZE}", "model.peft=[]", f"data.image_size={SIZE}"],
+    )
+    base = build_model(cfg=cfg.model).state_dict()
+    torch.save(base, tmp_path / "good.pth")
+    base["image_encoder.neck.0.weight"][0, 0] = float("nan")
+    torch.save(base, tmp_path / "bad.pth")
+
+    run_dir = tmp_path / "run"
+    common = ("launch.ranks=1", "train.checkpoint_every=2", "train.log_every=1")
+    good = _train(
+        small_shards, run_dir, *common, "train.steps=2", f"model.checkpoint={tmp_path / 'good.pth'}"
+    )
+    assert good.returncode == 0, good.stderr[-3000:]
+    proc = _train(
+        small_shards,
+        run_dir,
+        *common,
+        "train.steps=6",
+        "train.resume=auto",
+        f"model.checkpoint={tmp_path / 'bad.pth'}",
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "step 2: non-finite loss at interaction step 1" in proc.stderr
+    assert "SynthAbdomen/" in proc.stderr  # the batch's sample keys
+    assert "the last good checkpoint is" in proc.stderr and "step-0000002" in proc.stderr
+    complete = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("*/COMPLETE"))
+    assert complete == ["step-0000002"]
