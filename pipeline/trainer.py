@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from pipeline.checkpoint import (
     EXIT_REQUEUE,
@@ -239,6 +240,14 @@ class Trainer:
         images_per_step = cfg.data.batch_size * self.env.world_size
         batches = self._batches()
         window_start, window_images = time.perf_counter(), 0
+        # Rank 0 only; tqdm's rate is batches/s, the postfix images/s, and it gives the ETA.
+        bar = tqdm(
+            total=cfg.train.steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.env.is_main or None,  # None: off when stderr is not a terminal
+        )
         status = "FINISHED"
         try:
             while self.step < cfg.train.steps:
@@ -246,11 +255,15 @@ class Trainer:
                 out = self.train_step(batch)
                 metrics = self._metrics(out, batch)
                 self.step += 1
+                bar.update(1)
                 window_images += images_per_step
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                     elapsed = time.perf_counter() - window_start
                     metrics["images_per_s"] = window_images / max(elapsed, 1e-9)
                     window_start, window_images = time.perf_counter(), 0
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}"
+                    )
                     self.tracker.log_metrics(metrics, step=self.step)
                     self._log_line(metrics)
                 if cfg.train.val_every and self.step % cfg.train.val_every == 0:
@@ -275,6 +288,7 @@ class Trainer:
             status = "FAILED"
             raise
         finally:
+            bar.close()
             self.tracker.end(status)
 
     # -- called by name ------------------------------------------------------------------------
