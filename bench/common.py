@@ -102,9 +102,19 @@ def shard_with_cli(corpus: Path, out: Path, overrides: list[str]) -> Path:
     """Shard ``corpus`` with ``samadapt shard`` (a subprocess) unless ``out`` is complete.
 
     Returns:
-      ``out``, holding manifest.json.
+      ``out``, holding manifest.json. Exits when ``out`` holds shards of another format version
+      (key the cache folder on ``sharding.format.FORMAT_VERSION``).
     """
-    if (out / "manifest.json").exists():
+    from sharding.format import FORMAT_VERSION
+
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        version = json.loads(manifest.read_text()).get("format_version")
+        if version != FORMAT_VERSION:
+            raise SystemExit(
+                f"{out} holds shards of format_version {version}, this code writes "
+                f"{FORMAT_VERSION}: remove the folder or use another cache name"
+            )
         return out
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipeline.cli", "shard", "--format", "sa-med2d"]

@@ -10,7 +10,7 @@ image's masks, one box prompt (jittered) and one point prompt per mask.
 * ours: ``pipeline.data.build_train_loader`` (batch_size=2) on the same corpus sharded by
   ``samadapt shard ... image_size=256``, with num_workers 0 (one core), 1 and 2;
 * floor: Blosc-zstd decode of a pre-sized 256 px image + uint8 label map chunk (as the Zarr
-  volumes store them), and our member decode alone (PNG + packed masks, from memory).
+  volumes store them), and our member decode alone (Blosc image + packed masks, from memory).
 
 Torch, OpenCV and Blosc run one thread each. Every measurement is a window of ``--seconds`` after
 a warm-up; the measurements are interleaved and repeated ``--repeats`` times, and the medians are
@@ -227,7 +227,7 @@ def _members(shards: Path, limit: int) -> list[dict]:
 
 
 def decode_stream(raw: list[dict]) -> Iterator[int]:
-    """Our member decode alone (PNG image + packed masks + JSON), from memory."""
+    """Our member decode alone (Blosc image + packed masks + JSON), from memory."""
     from pipeline.data.samples import decode
 
     for sample in itertools.cycle(raw):
@@ -261,6 +261,24 @@ def blosc_floor_stream(raw: list[dict]) -> Iterator[int]:
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
+
+
+def shm_left(pids: set[int], wait: float = 10.0) -> list[str]:
+    """Shared-memory files that processes ``pids`` created and nobody removed (``file_system``
+    sharing names them ``/dev/shm/torch_<pid>_...``; torch's shm manager removes them shortly
+    after the last user is gone, so wait up to ``wait`` seconds)."""
+    import time
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return []
+    prefixes = tuple(f"torch_{pid}_" for pid in pids)
+    deadline = time.monotonic() + wait
+    while True:
+        left = sorted(f.name for f in shm.iterdir() if f.name.startswith(prefixes))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 def _count_batch(batch: dict) -> int:
@@ -304,9 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         origin = peer_source(args.peer_src, Path(tmp))  # first: fail before the slow set-up
         peer_cls = import_peer(Path(tmp))
     corpus = ensure_corpus(cases=args.cases, slices=args.slices)
+    from sharding.format import FORMAT_VERSION
+
+    # keyed on the shard format, so shards of an older format are never read (bench/train.py too)
     shards = shard_with_cli(
         corpus,
-        CACHE / f"{corpus.name}-shards{IMAGE_SIZE}",
+        CACHE / f"{corpus.name}-shards{IMAGE_SIZE}-v{FORMAT_VERSION}",
         [f"image_size={IMAGE_SIZE}", "inputs_per_shard=25", "val_fraction=0", "test_fraction=0"],
     )
     loop = loop_manifest(shards, seconds=args.seconds)
@@ -336,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "floor: Blosc-zstd decode, 256 px image + label": "floor",
     }
     results = {name: Series(name) for name in series}
+    all_pids = {os.getpid()}
     window = {"seconds": args.seconds}
     for r in range(args.repeats):
         for name, what in series.items():
@@ -345,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             elif isinstance(what, int):
                 it, pids = ours_stream(loop, what)
+                all_pids.update(pids)
                 run = timed_window(
                     it, count=_count_batch, warmup=args.warmup, pids=lambda p=pids: p, **window
                 )
@@ -361,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("")
     log_table(rows, "samples")
     log.info("load average at end %.2f %.2f %.2f", *os.getloadavg())
+    left = shm_left(all_pids)
+    log.info("shared-memory files left in /dev/shm by this run and its workers: %d%s", len(left),
+             f" ({', '.join(left[:5])} ...)" if left else "")  # fmt: skip
     peer, ours0 = rows[0], rows[1]
     log.info("")
     log.info("ours / peer, one core:      %6.1fx wall   %6.1fx per cpu-s   (target >= 20x)",
@@ -383,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             "corpus": str(corpus),
             "seconds": args.seconds,
             "repeats": args.repeats,
+            "sharing": torch.multiprocessing.get_sharing_strategy(),
+            "shm_files_left": left,
             "results": {
                 s.name: {
                     "samples_per_s": s.rate,

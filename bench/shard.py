@@ -26,6 +26,7 @@ import os
 import pstats
 import resource
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,7 @@ def limit_pass(items: list[tuple[Path, list[Path]]], *, size: int, level: int) -
             for m in mask_paths
         ]  # fmt: skip
         stack = np.stack(masks) > 0
-        total += len(encode_image(small)) + len(encode_masks(stack, level=level))
+        total += len(encode_image(small, level=level)) + len(encode_masks(stack, level=level))
     return total
 
 
@@ -147,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     for w in workers:
         plan.append((Series(f"ours: samadapt shard, {w} worker{'s' if w > 1 else ''}"), w))
     for r in range(args.repeats):
-        for series, w in plan:
+        # A B C, C B A, ...: on a machine whose speed drifts (other jobs come and go), reversing
+        # the order every other repeat cancels a linear drift out of the paired ratios below
+        for series, w in plan if r % 2 == 0 else plan[::-1]:
             if w is None:
                 run = _timed(lambda: limit_pass(items, size=IMAGE_SIZE, level=level), n)
             else:
@@ -168,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         one = by_workers[1]
         log.info("ours(1 worker) / limit:   %5.1f%% wall   %5.1f%% per cpu-s   (target >= 90%%)",
                  100 * one.rate / limit.rate, 100 * one.cpu_rate / limit.cpu_rate)  # fmt: skip
+        paired = [o.cpu_rate / m.cpu_rate for o, m in zip(one.runs, limit.runs, strict=True)]
+        log.info("  paired per repeat:       %s per cpu-s, median %.1f%%",
+                 " ".join(f"{100 * x:.0f}%" for x in paired),
+                 100 * statistics.median(paired))  # fmt: skip
         for w, s in by_workers.items():
             if w > 1:
                 log.info("%d workers / 1 worker:     %5.2fx wall   %5.2fx per cpu-s   "

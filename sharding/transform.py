@@ -10,9 +10,9 @@
   ``cv2.resize(x, (new_w, new_h))`` and zero padding at the bottom and right up to
   ``(size, size)`` (SAM's own preprocessing).
 * when the target shape equals the input shape, arrays are copied, not interpolated.
-* masks are resized as uint8 0/1 stacks of at most 512 channels per ``cv2.resize`` call (cv2's
-  channel limit; nearest-neighbour picks the same source pixel for every channel, so this equals
-  resizing each mask alone), then turned back into bool ``(N, size, size)``.
+* each mask is resized alone (one 2D ``cv2.resize`` of its 0/1 bytes into its slot of the
+  output stack: no (N, H, W) -> (H, W, N) transpose, no full-size copy of a bool stack), the
+  result is bool ``(N, size, size)``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from sharding.records import Slice2D, Volume
 __all__ = ["RESIZE_MODES", "resize_sample", "target_shape", "volume_slices"]
 
 RESIZE_MODES = ("square", "letterbox")
-_MAX_CHANNELS = 512
 
 
 def target_shape(height: int, width: int, *, size: int, mode: str) -> tuple[int, int]:
@@ -52,21 +51,17 @@ def _resize_image(image: np.ndarray, new_h: int, new_w: int, shrink: bool) -> np
 
 
 def _resize_masks(masks: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+    """(N, H, W) masks -> bool (N, new_h, new_w), nearest neighbour, one cv2 call per mask."""
     n, h, w = masks.shape
     if (h, w) == (new_h, new_w):
         return masks.astype(bool, copy=True)
-    out = np.empty((n, new_h, new_w), dtype=bool)
-    stack = masks.astype(np.uint8, copy=False)
-    for start in range(0, n, _MAX_CHANNELS):
-        chunk = stack[start : start + _MAX_CHANNELS]
-        if chunk.shape[0] == 1:
-            res = cv2.resize(chunk[0], (new_w, new_h), interpolation=cv2.INTER_NEAREST)
-            out[start] = res.astype(bool)
-            continue
-        hwc = np.ascontiguousarray(chunk.transpose(1, 2, 0))
-        res = cv2.resize(hwc, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
-        out[start : start + chunk.shape[0]] = res.transpose(2, 0, 1).astype(bool)
-    return out
+    # bool is stored as 0/1 bytes: resize the bytes themselves (other dtypes: test nonzero once)
+    src = masks if masks.dtype == bool else masks != 0
+    src = np.ascontiguousarray(src).view(np.uint8)
+    out = np.empty((n, new_h, new_w), dtype=np.uint8)
+    for i in range(n):
+        cv2.resize(src[i], (new_w, new_h), dst=out[i], interpolation=cv2.INTER_NEAREST)
+    return out.view(bool)
 
 
 def _pad(x: np.ndarray, size: int, axes: tuple[int, int]) -> np.ndarray:

@@ -1,6 +1,6 @@
 """A small shard writer for tests: real tars in the ``sharding/format.py`` contract.
 
-Writes ``OUT/{split}/shard-NNNNNN.tar`` with ``webdataset.TarWriter`` (members KEY.png, KEY.mpk,
+Writes ``OUT/{split}/shard-NNNNNN.tar`` with ``webdataset.TarWriter`` (members KEY.img, KEY.mpk,
 KEY.json) and ``OUT/manifest.json``. Independent of the real writer in ``sharding/`` so the reader
 is tested against the contract, not against one implementation.
 """
@@ -17,6 +17,9 @@ import webdataset as wds
 
 from sharding.format import (
     FORMAT_VERSION,
+    IMAGE_EXT,
+    MASKS_EXT,
+    META_EXT,
     encode_image,
     encode_masks,
     sample_key,
@@ -112,9 +115,9 @@ def write_shards(
                     sink.write(
                         {
                             "__key__": key,
-                            "png": encode_image(image),
-                            "mpk": encode_masks(masks.astype(bool)),
-                            "json": json.dumps(meta).encode(),
+                            IMAGE_EXT: encode_image(image),
+                            MASKS_EXT: encode_masks(masks.astype(bool)),
+                            META_EXT: json.dumps(meta).encode(),
                         }
                     )
                     written.append(Written(key, split, image, masks, class_ids, str(path)))

@@ -161,3 +161,61 @@ def test_points_are_uniform_over_the_foreground(kind):
     # every foreground pixel drawn, none far from its share (chi-square, generous bound)
     chi2 = ((counts - expected) ** 2 / expected).sum()
     assert counts.min() > 0 and chi2 < 2 * mask.sum()
+
+
+def test_prompts_of_indexed_rows_equal_prompts_of_the_rows():
+    # the reader prompts drawn rows (repeats included) of the decoded stack without copying them
+    rng = np.random.default_rng(6)
+    masks = _masks(rng, 4, 20, 24)
+    masks[2] = 0  # an empty mask among them
+    masks[1] = 0
+    masks[1, np.arange(20), np.arange(20)] = 1  # thin: most points come from the exact fallback
+    masks[0] = 0
+    masks[0, np.arange(20), 23 - np.arange(20)] = 1
+    index = np.array([3, 0, 3, 2, 3, 1])
+    rows = masks[index]
+    for got, ref in zip(tight_boxes(masks, index), tight_boxes(rows), strict=True):
+        np.testing.assert_array_equal(got, ref)
+    boxes, empty = tight_boxes(masks, index)
+    assert empty.tolist() == [False, False, False, True, False, False]
+    for j in (0, 1, 2, 4, 5):
+        assert boxes[j].tolist() == _reference_box(rows[j])
+    assert boxes[3].tolist() == [0, 0, 23, 19]
+    a = boxes_from_masks(masks, jitter=4, rng=np.random.default_rng(1), index=index)
+    b = boxes_from_masks(rows, jitter=4, rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(a, b)
+    assert not (a[0] == a[2]).all() or not (a[2] == a[4]).all()  # repeats: independent shifts
+    ca, la = points_from_masks(masks, n=5, rng=np.random.default_rng(2), index=index)
+    cb, lb = points_from_masks(rows, n=5, rng=np.random.default_rng(2))
+    np.testing.assert_array_equal(ca, cb)
+    np.testing.assert_array_equal(la, lb)
+    assert la[3].tolist() == [0] * 5 and (la[[0, 1, 2, 4, 5]] == 1).all()
+    # boolean masks give the same boxes as 0/1 bytes
+    np.testing.assert_array_equal(tight_boxes(masks.astype(bool), index)[0], tight_boxes(rows)[0])
+    with pytest.raises(ValueError, match="index"):
+        tight_boxes(masks, np.array([0, 4]))
+
+
+def test_collate_gathers_indexed_masks_into_one_buffer():
+    full = _sample("d", 3)
+    index = np.array([2, 2, 0, 1])
+    fields = ("boxes", "point_coords", "point_labels", "class_ids")
+    rows = {k: full[k][index] for k in fields}
+    indexed = {**full, **rows, "mask_index": index}  # masks stay (3, S, S)
+    plain = {**full, **rows, "masks": full["masks"][index]}
+    for other in (_sample("e", 4), _sample("f", 1)):  # same M, then padding
+        a, b = collate([indexed, other]), collate([plain, other])
+        tensors = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
+        assert sorted(tensors) == sorted(["image", "masks", *fields, "mask_valid"])
+        for k in tensors:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+            assert a[k].is_contiguous()
+        np.testing.assert_array_equal(a["masks"][0].numpy(), full["masks"][index])
+        # every tensor of the batch is a view of one buffer (one segment to hand between
+        # processes); in the main process it is ordinary memory
+        assert len({a[k].untyped_storage().data_ptr() for k in tensors}) == 1
+        assert not a["image"].untyped_storage().is_shared()
+    assert collate([indexed, _sample("f", 1)])["mask_valid"].tolist() == [
+        [True] * 4,
+        [True] + [False] * 3,
+    ]

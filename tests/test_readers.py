@@ -205,6 +205,24 @@ def test_sa_med2d_bad_masks_are_left_out_and_listed(sa16m, tmp_path):
         reader.load(other)
 
 
+def test_sa_med2d_masks_after_a_rejected_one_and_colour_masks(sa16m, tmp_path):
+    root = shutil.copytree(sa16m, tmp_path / "sa16m")
+    reader = get_reader("sa-med2d", root, cfg=CFG)
+    unit = next(u for u in reader.list_units() if len(u.paths) >= 4)  # >= 3 masks
+    masks = [Path(p) for p in unit.paths[1:]]
+    truth = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) > 0 for p in masks]
+    assert all(t.any() for t in truth)
+    cv2.imwrite(str(masks[0]), np.zeros((64, 64), np.uint8))  # empty: rejected, slot reused
+    colour = np.zeros((64, 64, 3), np.uint8)
+    colour[..., 1] = truth[1] * 200  # inside only in one channel
+    cv2.imwrite(str(masks[1]), colour)
+    got = reader.load(unit)
+    assert [r["path"] for r in got.rejections] == [str(masks[0])]
+    assert got.masks.dtype == bool and got.masks.shape == (len(masks) - 1, 64, 64)
+    for mask, ref in zip(got.masks, truth[1:], strict=True):
+        np.testing.assert_array_equal(mask, ref)
+
+
 def test_sa_med2d_json_naming_missing_image(sa16m, tmp_path):
     root = shutil.copytree(sa16m, tmp_path / "sa16m")
     path = root / "image2label_train.json"

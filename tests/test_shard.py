@@ -20,7 +20,17 @@ import zarr
 
 from pipeline.config import load_config
 from sharding import synthetic
-from sharding.format import decode_image, decode_masks, sample_key
+from sharding.format import (
+    FORMAT_VERSION,
+    IMAGE_EXT,
+    MASKS_EXT,
+    META_EXT,
+    decode_image,
+    decode_masks,
+    encode_image,
+    encode_masks,
+    sample_key,
+)
 from sharding.manifest import load_manifest, verify_shards
 from sharding.plan import ESTIMATE_UNITS, split_of
 from sharding.readers import get_reader
@@ -66,10 +76,11 @@ def read_tars(out: Path) -> dict[str, dict]:
     for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         key = raw["__key__"]
         assert key not in samples, f"sample key {key} written twice"
+        assert {k for k in raw if not k.startswith("__")} == {IMAGE_EXT, MASKS_EXT, META_EXT}
         samples[key] = {
-            "image": decode_image(raw["png"]),
-            "masks": decode_masks(raw["mpk"]).astype(bool),
-            "meta": json.loads(raw["json"]),
+            "image": decode_image(raw[IMAGE_EXT]),
+            "masks": decode_masks(raw[MASKS_EXT]).astype(bool),
+            "meta": json.loads(raw[META_EXT]),
             "shard": raw["__url__"],
         }
     return samples
@@ -104,6 +115,36 @@ def expected_samples(fmt: str, corpus: Path, cfg) -> dict[str, dict]:
                 "unit": unit.id,
             }
     return out
+
+
+def test_members_round_trip_and_damage_is_an_error():
+    rng = np.random.default_rng(0)
+    assert FORMAT_VERSION == 2 and IMAGE_EXT == "img"
+    for shape in [(37, 23), (16, 16, 3), (1, 5)]:
+        image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        data = encode_image(image, level=3)
+        assert data[:4] == b"SIMG"
+        back = decode_image(data)
+        assert back.dtype == np.uint8 and back.flags.writeable
+        np.testing.assert_array_equal(back, image)
+    masks = rng.random((3, 19, 21)) < 0.4
+    np.testing.assert_array_equal(decode_masks(encode_masks(masks)), masks.astype(np.uint8))
+    assert decode_masks(encode_masks(np.zeros((0, 4, 5), bool))).shape == (0, 4, 5)
+    # a cut or padded member raises instead of decoding garbage (Blosc itself would not)
+    data = encode_image(rng.integers(0, 256, size=(32, 32), dtype=np.uint8))
+    for bad in (data[:10], data[:20], data[:-1], data + b"\0"):
+        with pytest.raises(ValueError, match="image member is truncated"):
+            decode_image(bad)
+    packed = encode_masks(masks)
+    with pytest.raises(ValueError, match="mask member is truncated"):
+        decode_masks(packed[:-3])
+    # a PNG (the image member of format version 1) is named as such
+    with pytest.raises(ValueError, match="format-version-1"):
+        decode_image(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    with pytest.raises(ValueError, match="uint8"):
+        encode_image(np.zeros((4, 4), np.uint16))
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(H, W, 3\)"):
+        encode_image(np.zeros((4, 4, 4), np.uint8))
 
 
 @pytest.fixture(scope="module")

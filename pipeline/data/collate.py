@@ -1,4 +1,4 @@
-"""Samples -> one batch of fixed-shape tensors (numpy stacking, one ``torch.from_numpy`` per field).
+"""Samples -> one batch of fixed-shape tensors, all views of one buffer (see "Memory" below).
 
 A *sample* is what the reader's map stage makes of one shard sample (see ``stream.py``)::
 
@@ -6,7 +6,10 @@ A *sample* is what the reader's map stage makes of one shard sample (see ``strea
     image        (3, S, S) uint8     may be a strided view (HWC transposed, or gray broadcast)
     meta         dict                the sample's KEY.json (+ "url", and "padding" for top-up)
     -- interactive mode --
-    masks        (M, S, S) uint8     0/1
+    masks        (M, S, S) uint8     0/1; or (N, S, S) with mask_index:
+    mask_index   (M,) int64          optional: the sample's masks are masks[mask_index] (the
+                                     reader passes the decoded stack and the drawn rows, so each
+                                     drawn mask is copied once, straight into the batch)
     boxes        (M, 4) float32      x0, y0, x1, y1 (inclusive)
     point_coords (M, n, 2) float32   x, y
     point_labels (M, n) int64        1 foreground, 0 background
@@ -31,12 +34,25 @@ largest M of the batch, at least 1: padded masks are zeros, boxes and points zer
 -1 (SAM's "not a point"), class ids -1, ``mask_valid`` False.
 
 A batch (semantic): ``image``, ``label`` (B, S, S) int64, ``keys``, ``meta``.
+
+Memory: the tensors of a batch are views of one uint8 buffer (each field 64-byte aligned), and
+inside a DataLoader worker that buffer is allocated in shared memory (as torch's default_collate
+does). Handing a batch to the main process then costs one shared-memory segment and one file
+descriptor instead of one per field, and no copy into shared memory: with 7 fields per batch
+this transfer had cost more CPU than making the batch (bench/README.md). Keeping any one tensor
+of a batch keeps the whole buffer. torch's default ``file_descriptor`` sharing strategy is kept on
+purpose: ``file_system`` measured within noise of it (bench/loader.py, one worker) and leaves the
+segments of batches prefetched but never taken (each loader shutdown, e.g. every epoch) in
+/dev/shm until the process exits.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 __all__ = ["collate", "label_map"]
 
@@ -65,49 +81,100 @@ def label_map(masks: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
     return np.where(covered, ids[last], 0)
 
 
-def _stack(arrays: list[np.ndarray]) -> np.ndarray:
-    """Stack into a new C-contiguous array (``np.stack`` keeps the layout of strided views)."""
-    out = np.empty((len(arrays), *arrays[0].shape), dtype=arrays[0].dtype)
-    for i, arr in enumerate(arrays):
-        out[i] = arr
-    return out
+class _Buffer:
+    """Fields of one batch laid out in one buffer: ``add`` them, then ``allocate`` once."""
+
+    _ALIGN = 64
+
+    def __init__(self) -> None:
+        self.fields: dict[str, tuple[int, int, tuple[int, ...], np.dtype]] = {}
+        self.size = 0
+
+    def add(self, name: str, shape: tuple[int, ...], dtype) -> None:
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        self.fields[name] = (self.size, nbytes, tuple(shape), dtype)
+        self.size += -(-nbytes // self._ALIGN) * self._ALIGN
+
+    def allocate(self) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+        """Numpy views to fill and the torch views to return, of the same memory."""
+        buf = _new_buffer(max(self.size, 1))
+        raw = buf.numpy()
+        arrays, tensors = {}, {}
+        for name, (offset, nbytes, shape, dtype) in self.fields.items():
+            arrays[name] = raw[offset : offset + nbytes].view(dtype).reshape(shape)
+            tensors[name] = buf[offset : offset + nbytes].view(_TORCH[dtype]).view(shape)
+        return arrays, tensors
 
 
-def _stack_padded(arrays: list[np.ndarray], m: int, fill: float, dtype: np.dtype) -> np.ndarray:
-    """Stack (M_i, ...) arrays into (B, m, ...), padding M_i < m with ``fill``."""
-    shape = (len(arrays), m, *arrays[0].shape[1:])
-    out = np.full(shape, fill, dtype=dtype)
-    for i, arr in enumerate(arrays):
-        out[i, : arr.shape[0]] = arr
-    return out
+_TORCH = {
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.int64): torch.int64,
+    np.dtype(bool): torch.bool,
+}
 
 
-def _interactive(samples: list[dict]) -> dict:
-    counts = [s["masks"].shape[0] for s in samples]
-    m = max(max(counts), 1)
-    if all(c == m for c in counts):
-        # the training case: one contiguous copy per field, no padding
-        masks = _stack([s["masks"] for s in samples])
-        boxes = _stack([s["boxes"] for s in samples])
-        coords = _stack([s["point_coords"] for s in samples])
-        labels = _stack([s["point_labels"] for s in samples])
-        class_ids = _stack([s["class_ids"] for s in samples])
-        valid = np.ones((len(samples), m), dtype=bool)
-    else:
-        masks = _stack_padded([s["masks"] for s in samples], m, 0, np.uint8)
-        boxes = _stack_padded([s["boxes"] for s in samples], m, 0, np.float32)
-        coords = _stack_padded([s["point_coords"] for s in samples], m, 0, np.float32)
-        labels = _stack_padded([s["point_labels"] for s in samples], m, -1, np.int64)
-        class_ids = _stack_padded([s["class_ids"] for s in samples], m, -1, np.int64)
-        valid = np.arange(m)[None, :] < np.asarray(counts)[:, None]
-    return {
-        "masks": torch.from_numpy(masks),
-        "boxes": torch.from_numpy(boxes),
-        "point_coords": torch.from_numpy(coords),
-        "point_labels": torch.from_numpy(labels),
-        "class_ids": torch.from_numpy(class_ids),
-        "mask_valid": torch.from_numpy(valid),
-    }
+def _new_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor of ``nbytes``: in shared memory inside a DataLoader worker, where the batch
+    will be sent to the main process (no copy into shared memory at send time), else plain."""
+    if get_worker_info() is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    try:
+        # what torch's default_collate does in a worker: a new shared segment, nothing copied
+        storage = torch.UntypedStorage._new_shared(nbytes)
+    except AttributeError:  # a torch without this private helper: one copy into shared memory
+        return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+def _fill_masks(out: np.ndarray, sample: dict) -> int:
+    """Copy a sample's masks into ``out`` (M_max, S, S); returns its M."""
+    masks, index = sample["masks"], sample.get("mask_index")
+    if index is None:
+        out[: masks.shape[0]] = masks
+        return masks.shape[0]
+    # mode="clip": take writes straight into ``out`` (the default mode="raise" buffers a copy);
+    # the reader's indices are in range by construction
+    np.take(masks, index, axis=0, out=out[: index.shape[0]], mode="clip")
+    return index.shape[0]
+
+
+def _count(sample: dict) -> int:
+    index = sample.get("mask_index")
+    return sample["masks"].shape[0] if index is None else index.shape[0]
+
+
+def _interactive(samples: list[dict], buf: _Buffer) -> int:
+    """Lay out the interactive fields in ``buf``; returns M, the masks per sample (>= 1)."""
+    b, m = len(samples), max(max(_count(s) for s in samples), 1)
+    s, n = samples[0]["image"].shape[-1], samples[0]["point_coords"].shape[1]
+    buf.add("masks", (b, m, s, s), np.uint8)
+    buf.add("boxes", (b, m, 4), np.float32)
+    buf.add("point_coords", (b, m, n, 2), np.float32)
+    buf.add("point_labels", (b, m, n), np.int64)
+    buf.add("class_ids", (b, m), np.int64)
+    buf.add("mask_valid", (b, m), bool)
+    return m
+
+
+def _fill_interactive(arrays: dict[str, np.ndarray], samples: list[dict], m: int) -> None:
+    # padding: masks, boxes and points 0, point labels and class ids -1, mask_valid False
+    padded = any(_count(s) != m for s in samples)
+    if padded:
+        arrays["masks"].fill(0)
+        arrays["boxes"].fill(0)
+        arrays["point_coords"].fill(0)
+        arrays["point_labels"].fill(-1)
+        arrays["class_ids"].fill(-1)
+    for i, sample in enumerate(samples):
+        k = _fill_masks(arrays["masks"][i], sample)
+        arrays["boxes"][i, :k] = sample["boxes"]
+        arrays["point_coords"][i, :k] = sample["point_coords"]
+        arrays["point_labels"][i, :k] = sample["point_labels"]
+        arrays["class_ids"][i, :k] = sample["class_ids"]
+        arrays["mask_valid"][i, :k] = True
+        arrays["mask_valid"][i, k:] = False
 
 
 def collate(samples: list[dict]) -> dict:
@@ -117,18 +184,23 @@ def collate(samples: list[dict]) -> dict:
       samples: a non-empty list of samples, all of the same mode and image size.
 
     Returns:
-      The batch dict of the module docstring.
+      The batch dict of the module docstring (its tensors share one buffer).
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
-    batch = {
-        # one contiguous (B, 3, S, S) copy from the strided per-sample views
-        "image": torch.from_numpy(_stack([s["image"] for s in samples])),
-        "keys": [s["key"] for s in samples],
-        "meta": [s["meta"] for s in samples],
-    }
-    if "label" in samples[0]:
-        batch["label"] = torch.from_numpy(_stack([s["label"] for s in samples]))
+    semantic = "label" in samples[0]
+    buf = _Buffer()
+    buf.add("image", (len(samples), *samples[0]["image"].shape), np.uint8)
+    if semantic:
+        buf.add("label", (len(samples), *samples[0]["label"].shape), np.int64)
     else:
-        batch.update(_interactive(samples))
-    return batch
+        m = _interactive(samples, buf)
+    arrays, tensors = buf.allocate()
+    for i, sample in enumerate(samples):
+        # one contiguous copy from the strided per-sample views (HWC transposed, gray broadcast)
+        arrays["image"][i] = sample["image"]
+        if semantic:
+            arrays["label"][i] = sample["label"]
+    if not semantic:
+        _fill_interactive(arrays, samples, m)
+    return {**tensors, "keys": [s["key"] for s in samples], "meta": [s["meta"] for s in samples]}

@@ -3,7 +3,7 @@
 Everything here is numpy (cheaper than torch for per-sample work in a loader worker) and
 uint8 / float32 / int64: no float64 arrays the size of an image.
 
-``decode`` turns WebDataset's ``{"__key__", "__url__", "png", "mpk", "json"}`` into
+``decode`` turns WebDataset's ``{"__key__", "__url__", "img", "mpk", "json"}`` into
 ``{"key", "image" (3, S, S) uint8, "masks" (N, S, S) uint8, "class_ids" (N,) int64, "meta"}``;
 ``interactive`` and ``semantic`` turn decoded samples into the samples of ``collate.py``.
 """
@@ -86,6 +86,11 @@ def decode(sample: dict, *, image_size: int) -> dict:
         masks = decode_masks(sample[MASKS_EXT])
         meta = json.loads(sample[META_EXT])
     except KeyError as missing:
+        if missing.args[0] == IMAGE_EXT and "png" in sample:
+            raise SampleError(
+                f"{where}: a .png image member (shard format_version 1); this reader reads "
+                "format_version 2 (.img): reshard the corpus with `samadapt shard`"
+            ) from None
         raise SampleError(f"{where}: no .{missing.args[0]} member") from None
     except Exception as exc:
         raise SampleError(f"{where}: {type(exc).__name__}: {exc}") from exc
@@ -120,15 +125,17 @@ def sample_rng(seed: int, key: str) -> np.random.Generator:
 
 
 def _prompted(sample: dict, idx: np.ndarray, *, jitter: int, points: int, rng) -> dict:
-    masks = sample["masks"][idx]  # (M, S, S) copy
-    tight = tight_boxes(masks)  # shared by the box and the point prompts
-    boxes = boxes_from_masks(masks, jitter=jitter, rng=rng, tight=tight)
-    coords, labels = points_from_masks(masks, n=points, rng=rng, tight=tight)
+    masks = sample["masks"]  # (N, S, S): collate copies the rows idx straight into the batch
+    # one tight box per distinct drawn mask, shared by the box and the point prompts
+    tight = tight_boxes(masks, idx)
+    boxes = boxes_from_masks(masks, jitter=jitter, rng=rng, tight=tight, index=idx)
+    coords, labels = points_from_masks(masks, n=points, rng=rng, tight=tight, index=idx)
     return {
         "key": sample["key"],
         "image": sample["image"],
         "meta": sample["meta"],
         "masks": masks,
+        "mask_index": idx,
         "boxes": boxes,
         "point_coords": coords,
         "point_labels": labels,

@@ -85,7 +85,10 @@ def read_manifest(
     except (ValueError, KeyError, TypeError) as exc:
         raise SampleError(f"{path}: not a shard manifest ({type(exc).__name__}: {exc})") from exc
     if version != FORMAT_VERSION:
-        raise SampleError(f"{path}: format_version {version!r}, this reader reads {FORMAT_VERSION}")
+        raise SampleError(
+            f"{path}: format_version {version!r}, this reader reads only {FORMAT_VERSION} "
+            "(version 1 stored PNG image members): reshard the corpus with `samadapt shard`"
+        )
     if stored_size != image_size:
         raise ConfigError(
             f"data.image_size={image_size} does not match image_size={stored_size} of the shards "

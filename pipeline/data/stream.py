@@ -9,7 +9,7 @@ The pipeline of one loader worker, stage by stage (``ShardStream.__iter__``)::
     -> tar samples                             a read error names the shard path; sample count
                                                checked against the manifest
     -> shuffle buffer                          data.shuffle_buffer raw samples (bytes), per worker
-    -> decode                                  our decoder: .png / .mpk / .json (sharding.format)
+    -> decode                                  our decoder: .img / .mpk / .json (sharding.format)
     -> map                                     pick masks + prompts (interactive) or label map
     -> batch + collate                         fixed-shape tensors (collate.py)
     -> take                                    the same number of batches on every rank

@@ -56,15 +56,16 @@ def _check_complete(path: Path, data: bytes) -> None:
             raise RejectedInput(str(path), "truncated JPEG (no end-of-image marker)")
 
 
-def decode_image_file(path: Path) -> np.ndarray:
+def decode_image_file(path: Path, *, what: str = "") -> np.ndarray:
     """Read an image file as stored (any depth, channels as cv2 returns them, BGR order).
 
-    Raises ``RejectedInput`` naming the file when it is missing, truncated or not decodable.
+    Raises ``RejectedInput`` naming the file when it is missing ("``what`` file does not exist"),
+    truncated or not decodable.
     """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise RejectedInput(str(path), "file does not exist") from None
+        raise RejectedInput(str(path), f"{what} file does not exist".lstrip()) from None
     except OSError as exc:
         raise RejectedInput(str(path), f"cannot read file: {exc}") from None
     if not data:
