@@ -94,7 +94,7 @@ class ShardingConfig:
     volumes: bool = True
     """Also write 3D inputs as Zarr v3 stores (one group per case) under volumes/."""
     zstd_level: int = 5
-    """Blosc-zstd level for Zarr volumes and packed masks."""
+    """Blosc-zstd level for Zarr volumes and the image and mask members of the shards."""
     dataset: str = ""
     """Dataset name; empty = from dataset.json or the input folder's name."""
     modality: str = ""
