@@ -39,7 +39,7 @@ def is_ct(modality: str) -> bool:
     return modality.strip().lower() == "ct"
 
 
-def _linear_uint8(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def linear_uint8(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """``floor((clip(v, lo, hi) - lo) * 255 / (hi - lo) + 0.5)`` as uint8; NaN -> 0."""
     out = np.zeros(image.shape, dtype=np.uint8)
     if not hi > lo:
@@ -74,7 +74,7 @@ def window_to_uint8(image: np.ndarray, *, level: float, width: float) -> np.ndar
         raise ValueError(f"window width must be > 0, got {width}")
     lo = float(level) - float(width) / 2.0
     hi = float(level) + float(width) / 2.0
-    return _linear_uint8(np.asarray(image), lo, hi)
+    return linear_uint8(np.asarray(image), lo, hi)
 
 
 def percentile_bounds(image: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
@@ -107,7 +107,7 @@ def percentile_to_uint8(image: np.ndarray, *, percentiles: tuple[float, float]) 
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
     lo, hi = percentile_bounds(arr, (percentiles[0], percentiles[1]))
-    return _linear_uint8(arr, lo, hi)
+    return linear_uint8(arr, lo, hi)
 
 
 def to_uint8(image: np.ndarray, *, modality: str, cfg: ShardingConfig) -> np.ndarray:

@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pipeline.config import DataConfig
 from pipeline.data.samples import SampleError
+from sharding.intensity import linear_uint8
 
 __all__ = ["VolumeSliceDataset", "build_volume_loader", "to_uint8"]
 
@@ -66,26 +67,15 @@ log = logging.getLogger(__name__)
 
 
 def to_uint8(block: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
-    """Map raw values to uint8 by the module docstring's formula; ``lo is None`` = as stored."""
+    """Map raw values to uint8 by the module docstring's formula; ``lo is None`` = as stored.
+
+    The formula is the shard writer's own (``sharding.intensity.linear_uint8``), so a slice read
+    here equals the 2D sample of the same slice, rounding included."""
     if lo is None or hi is None:
         if block.dtype != np.uint8:
             raise ValueError(f"no intensity rule for a {block.dtype} image")
         return block
-    out = np.zeros(block.shape, dtype=np.uint8)
-    if not hi > lo:
-        return out
-    v = block.astype(np.float64)
-    np.clip(v, lo, hi, out=v)
-    v -= lo
-    # multiply, then divide (not times a precomputed 255 / span): the writer's exact order, so
-    # values like (200 - -160) * 255 / 400 = 229.5 round the same way here and in the shards
-    v *= 255.0
-    v /= float(hi) - float(lo)
-    v += 0.5
-    np.floor(v, out=v)
-    np.nan_to_num(v, copy=False, nan=0.0)
-    out[...] = v
-    return out
+    return linear_uint8(block, lo, hi)
 
 
 def _resize_mode(store: Path) -> str:
