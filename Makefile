@@ -37,7 +37,7 @@ quickstart: venv
 	$(BIN)/samadapt inspect $(QUICK)/shards --sheet $(QUICK)/contact_sheet.png
 	$(BIN)/samadapt train configs/debug.yaml data.shards=$(QUICK)/shards \
 		run_dir=$(QUICK)/run train.val_every=20 train.resume=auto
-	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(QUICK)/run/mlflow.db"
+	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(QUICK))/run/mlflow.db"
 
 lint: venv
 	$(BIN)/ruff check pipeline sharding launch tests bench
