@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -214,3 +215,18 @@ def present_ids(label: np.ndarray) -> list[int]:
         counts = np.bincount(label.reshape(-1).astype(np.uint8, copy=False), minlength=2)
         return [int(i) for i in np.flatnonzero(counts)]
     return [int(i) for i in np.unique(label)]
+
+
+def read_class_names(root: Path) -> dict[int, str] | None:
+    """``ROOT/classes.json`` ({"1": "liver", ...}) as label id -> name without 0; None if absent.
+
+    Raises ``ValueError`` naming the file when it is not such a mapping.
+    """
+    path = Path(root) / "classes.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        return {int(k): str(v) for k, v in raw.items() if int(k) != 0}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path}: must map label ids to names ({exc})") from None

@@ -40,7 +40,6 @@ Loading a case:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -50,7 +49,12 @@ import numpy as np
 import pydicom
 
 from pipeline.config import ShardingConfig
-from sharding.readers.common import canonical_zyx, integer_label, modality_name
+from sharding.readers.common import (
+    canonical_zyx,
+    integer_label,
+    modality_name,
+    read_class_names,
+)
 from sharding.records import RejectedInput, Unit, Volume
 
 __all__ = ["DicomReader"]
@@ -167,17 +171,7 @@ class DicomReader:
         self.root = Path(root)
         self.cfg = cfg
         self.dataset = cfg.dataset or self.root.resolve().name
-        self.class_names: dict[int, str] | None = self._read_classes()
-
-    def _read_classes(self) -> dict[int, str] | None:
-        path = self.root / "classes.json"
-        if not path.is_file():
-            return None
-        try:
-            raw = json.loads(path.read_text())
-            return {int(k): str(v) for k, v in raw.items() if int(k) != 0}
-        except (OSError, ValueError, AttributeError) as exc:
-            raise ValueError(f"{path}: must map label ids to names ({exc})") from None
+        self.class_names: dict[int, str] | None = read_class_names(self.root)
 
     def list_units(self) -> list[Unit]:
         """One unit per case folder (sorted by name); paths = candidate files, then the label."""

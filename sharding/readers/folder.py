@@ -22,7 +22,6 @@ mask but missing from classes.json (when that file exists) leaves that mask out,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from sharding.readers.common import (
     decode_image_file,
     modality_name,
     present_ids,
+    read_class_names,
     split_trailing_number,
     to_uint8_2d,
 )
@@ -50,18 +50,8 @@ class FolderReader:
         self.cfg = cfg
         self.dataset = cfg.dataset or self.root.resolve().name
         self.modality = modality_name(cfg.modality) or "unknown"
-        self.class_names = self._read_classes()
+        self.class_names = read_class_names(self.root)
         self._slices: dict[str, int] | None = None
-
-    def _read_classes(self) -> dict[int, str] | None:
-        path = self.root / "classes.json"
-        if not path.is_file():
-            return None
-        try:
-            raw = json.loads(path.read_text())
-            return {int(k): str(v) for k, v in raw.items() if int(k) != 0}
-        except (OSError, ValueError, AttributeError) as exc:
-            raise ValueError(f"{path}: must map label values to names ({exc})") from None
 
     def _images(self) -> list[Path]:
         image_dir = self.root / "images"
