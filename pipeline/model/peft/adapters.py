@@ -53,11 +53,26 @@ class Med2dAdapter(nn.Module):
           torch.Tensor: the adapter's contribution, (N, H, W, C).
         """
         n, h, w, c = x.shape
-        maps = x.permute(0, 3, 1, 2)
-        gate = self.channel(maps.mean(dim=(2, 3)))
-        spatial = F.relu(self.down(maps * gate[:, :, None, None]))
-        spatial = F.relu(self.up(spatial))[:, :, :h, :w]  # odd sizes come back one larger
-        return self.norm((maps + spatial).permute(0, 2, 3, 1))
+        gate = self.channel(x.mean(dim=(1, 2)))
+        # (N, C, H, W) in contiguous memory: oneDNN's convolution backward is ~1.5x slower on
+        # the permuted (channels-last strided) view.
+        maps = (x * gate[:, None, None, :]).permute(0, 3, 1, 2).contiguous()
+        spatial = F.relu(self.down(maps))
+        spatial = F.relu(self._up(spatial))[:, :, :h, :w]  # odd sizes come back one larger
+        return self.norm(x + spatial.permute(0, 2, 3, 1))
+
+    def _up(self, y: torch.Tensor) -> torch.Tensor:
+        if y.device.type != "cpu":
+            return self.up(y)
+        # On the CPU the same transposed convolution as one matrix product and a col2im
+        # (``F.fold``) runs forward + backward ~1.5x faster than oneDNN's kernel at these
+        # shapes (768 channels, 8x8 -> 16x16). Same weights, same result up to float rounding.
+        n, c, hh, ww = y.shape
+        weight = self.up.weight  # (C_in, C_out, k, k)
+        k, s, p = self.up.kernel_size[0], self.up.stride[0], self.up.padding[0]
+        cols = weight.reshape(c, -1).t() @ y.reshape(n, c, hh * ww)  # (N, C_out*k*k, H*W)
+        size = ((hh - 1) * s - 2 * p + k, (ww - 1) * s - 2 * p + k)
+        return F.fold(cols, size, k, stride=s, padding=p)
 
 
 class Bottleneck(nn.Module):
