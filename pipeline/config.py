@@ -281,9 +281,7 @@ class ModelConfig:
         for key in ("embed_dim", "depth", "num_heads"):
             _require(getattr(self, key) >= 0, key, "must be >= 0 (0 = from arch)")
         dim, depth, heads, glob = self.encoder_spec()
-        _require(
-            dim % heads == 0, "num_heads", f"({heads}) must divide the encoder width ({dim})"
-        )
+        _require(dim % heads == 0, "num_heads", f"({heads}) must divide the encoder width ({dim})")
         _require(
             all(0 <= i < depth for i in glob),
             "global_attn_indexes",
@@ -404,8 +402,13 @@ class TrainConfig:
             "click_choices",
             f"must be a non-empty list of click counts >= 1, got {self.click_choices}",
         )
-        for key in ("focal_weight", "dice_weight", "iou_weight", "ce_weight",
-                    "semantic_dice_weight"):
+        for key in (
+            "focal_weight",
+            "dice_weight",
+            "iou_weight",
+            "ce_weight",
+            "semantic_dice_weight",
+        ):
             _require(getattr(self, key) >= 0, key, "must be >= 0")
         _require(self.interaction_steps >= 1, "interaction_steps", "must be >= 1")
         _require(self.lr > 0, "lr", "must be > 0")

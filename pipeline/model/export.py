@@ -54,8 +54,10 @@ def export_trainable(
     expected = set(model.trainable_names)
     if tensors is not None and set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise ValueError(f"export: tensors do not match the model (missing {missing[:5]}, "
-                         f"unexpected {extra[:5]})")
+        raise ValueError(
+            f"export: tensors do not match the model (missing {missing[:5]}, "
+            f"unexpected {extra[:5]})"
+        )
     tensors = {}
     for name, tensor in source.items():
         tensor = tensor.detach().to("cpu")
