@@ -12,9 +12,12 @@ The plan is a pure function of the sorted unit list and the sharding settings:
   shard ``i`` is ``OUT/{split}/shard-{i:06d}.tar`` and ``--shard-range i:j`` (half-open) is one
   slice of the whole job, as a Slurm job array wants.
 
-``plan.json`` is written once (temp file + rename). A rerun reads it back and checks that the unit
-list and every setting that changes shard content are unchanged; if not it stops with a message
-naming the difference instead of silently resharding into a mixed set.
+``plan.json`` is written once (temp file + rename). It stays small at any corpus size (one line
+per shard: split, position in the split's sorted unit list, first and last unit id; one sha256 per
+split over its sorted unit ids), because every task of a job array reads it. A rerun reads it
+back and checks that the units of every split and every setting that changes shard content are
+unchanged; if not it stops with a message naming the difference (setting, split, first shard
+that differs) instead of silently resharding into a mixed set.
 """
 
 from __future__ import annotations
@@ -100,18 +103,56 @@ class Plan:
         return [s for s in self.shards if lo <= s.index < hi]
 
     def to_json(self) -> dict:
+        by_split: dict[str, list[str]] = {}
+        shards = []
+        for spec in self.shards:
+            ids = by_split.setdefault(spec.split, [])
+            shards.append(
+                {
+                    "index": spec.index,
+                    "split": spec.split,
+                    "start": len(ids),
+                    "count": len(spec.units),
+                    "first": spec.units[0].id,
+                    "last": spec.units[-1].id,
+                }
+            )
+            ids.extend(u.id for u in spec.units)
         return {
             "format_version": FORMAT_VERSION,
             "format": self.format,
             "input": self.input,
             "settings": self.settings,
             "inputs_per_shard": self.inputs_per_shard,
-            "units": sum(len(s.units) for s in self.shards),
-            "shards": [
-                {"index": s.index, "split": s.split, "units": [u.id for u in s.units]}
-                for s in self.shards
-            ],
+            "units": sum(len(ids) for ids in by_split.values()),
+            "splits": {
+                split: {"units": len(ids), "sha256": _ids_digest(ids)}
+                for split, ids in by_split.items()
+            },
+            "shards": shards,
         }
+
+
+def _ids_digest(ids: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for uid in ids:
+        h.update(uid.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _split_units(units: Sequence[Unit], cfg: ShardingConfig) -> dict[str, list[Unit]]:
+    """Units by split, each list sorted by id."""
+    by_split: dict[str, list[Unit]] = {s: [] for s in SPLITS}
+    for unit in sorted(units, key=lambda u: u.id):
+        split = split_of(
+            unit.dataset,
+            unit.case_id,
+            val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction,
+        )
+        by_split[split].append(unit)
+    return by_split
 
 
 def split_of(dataset: str, case_id: str, *, val_fraction: float, test_fraction: float) -> str:
@@ -170,15 +211,7 @@ def make_plan(
     per_shard = cfg.inputs_per_shard
     if per_shard == 0:
         per_shard = _estimate_per_shard(ordered, cfg=cfg, bytes_per_unit=bytes_per_unit)
-    by_split: dict[str, list[Unit]] = {s: [] for s in SPLITS}
-    for unit in ordered:
-        split = split_of(
-            unit.dataset,
-            unit.case_id,
-            val_fraction=cfg.val_fraction,
-            test_fraction=cfg.test_fraction,
-        )
-        by_split[split].append(unit)
+    by_split = _split_units(ordered, cfg)
     shards: list[ShardSpec] = []
     for split in SPLITS:
         members = by_split[split]
@@ -265,37 +298,30 @@ def _check_saved(
                 f"{key}={expected.get(key)!r}; rerun with the same settings, or write to a new "
                 "output folder (shards of both settings would be mixed)"
             )
-    current = {u.id: u for u in units}
-    planned = [uid for shard in saved["shards"] for uid in shard["units"]]
-    added = sorted(set(current) - set(planned))
-    missing = sorted(set(planned) - set(current))
-    if added or missing:
+    by_split = _split_units(units, cfg)
+    if saved["shards"] and "units" in saved["shards"][0]:
+        saved = _upgrade_listing(saved)
+    for split in SPLITS:
+        ids = [u.id for u in by_split[split]]
+        entry = saved.get("splits", {}).get(split, {"units": 0, "sha256": _ids_digest([])})
+        if len(ids) == entry["units"] and _ids_digest(ids) == entry["sha256"]:
+            continue
         raise PlanMismatch(
-            f"{path}: the input units differ from the plan ({len(added)} new, e.g. "
-            f"{added[:3]}; {len(missing)} gone, e.g. {missing[:3]}); shard the changed corpus "
-            "into a new output folder"
+            f"{path}: the input units differ from the plan in split {split!r} ({len(ids)} now, "
+            f"{entry['units']} planned{_first_difference(saved, split, ids)}); the corpus "
+            "changed, or a case id or dataset name did (they decide the split): shard the "
+            "changed corpus into a new output folder"
         )
-    shards = [
-        ShardSpec(
-            index=int(s["index"]),
-            split=str(s["split"]),
-            units=tuple(current[uid] for uid in s["units"]),
-        )
-        for s in saved["shards"]
-    ]
-    for spec in shards:
-        for unit in spec.units:
-            split = split_of(
-                unit.dataset,
-                unit.case_id,
-                val_fraction=cfg.val_fraction,
-                test_fraction=cfg.test_fraction,
+    shards = []
+    for s in saved["shards"]:
+        start, count = int(s["start"]), int(s["count"])
+        shards.append(
+            ShardSpec(
+                index=int(s["index"]),
+                split=str(s["split"]),
+                units=tuple(by_split[s["split"]][start : start + count]),
             )
-            if split != spec.split:
-                raise PlanMismatch(
-                    f"{path}: unit {unit.id} is planned in {spec.split} but its case "
-                    f"{unit.dataset}/{unit.case_id} hashes to {split} (dataset or case id changed)"
-                )
+        )
     return Plan(
         format=str(saved["format"]),
         input=str(saved["input"]),
@@ -303,3 +329,41 @@ def _check_saved(
         inputs_per_shard=int(saved["inputs_per_shard"]),
         shards=shards,
     )
+
+
+def _first_difference(saved: dict, split: str, ids: list[str]) -> str:
+    for s in saved["shards"]:
+        if s["split"] != split:
+            continue
+        start, count = int(s["start"]), int(s["count"])
+        now = ids[start : start + count]
+        now_first = now[0] if now else None
+        now_last = now[-1] if now else None
+        if (now_first, now_last, len(now)) != (s["first"], s["last"], count):
+            return (
+                f"; first differing shard {shard_name(int(s['index']))}: planned "
+                f"{s['first']} .. {s['last']} ({count}), now {now_first} .. {now_last} "
+                f"({len(now)})"
+            )
+    return ""
+
+
+def _upgrade_listing(saved: dict) -> dict:
+    # plan.json of the first releases listed every unit id per shard; same content, bigger.
+    by_split: dict[str, list[str]] = {}
+    shards = []
+    for s in saved["shards"]:
+        ids = by_split.setdefault(s["split"], [])
+        shards.append(
+            {
+                "index": s["index"],
+                "split": s["split"],
+                "start": len(ids),
+                "count": len(s["units"]),
+                "first": s["units"][0],
+                "last": s["units"][-1],
+            }
+        )
+        ids.extend(s["units"])
+    splits = {k: {"units": len(v), "sha256": _ids_digest(v)} for k, v in by_split.items()}
+    return {**saved, "shards": shards, "splits": splits}

@@ -96,6 +96,29 @@ def test_encoder_and_keys_match_stock_sam(tmp_path, stock128):
     assert torch.equal(ours, theirs)
 
 
+def test_padded_windows_match_stock_sam(tmp_path):
+    """Windows that do not tile the grid (SAM at 256 px: 16 x 16 tokens, window 14): we project
+    only the real tokens; outputs and gradients are SAM's, padding keys and values included."""
+    torch.manual_seed(1)
+    stock = stock_sam(128, window=3)  # 8 x 8 tokens in 3 x 3 windows: padded to 9 x 9
+    randomize(stock)
+    path = tmp_path / "sam_pad.pth"
+    torch.save(stock.state_dict(), path)
+    model = build_model(cfg=tiny_cfg(image_size=128, window_size=3, checkpoint=str(path)))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    x = images(2, 128)
+    ours = model.encode(x)
+    theirs = stock.image_encoder(stock.preprocess(x.float()))
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    (ours * theirs.detach()).sum().backward()
+    (theirs * theirs.detach()).sum().backward()
+    for name in ("blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight", "blocks.0.norm1.weight"):
+        mine = dict(model.image_encoder.named_parameters())[name]
+        ref = dict(stock.image_encoder.named_parameters())[name]
+        torch.testing.assert_close(mine.grad, ref.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_decode_with_image_index_matches_per_image_stock_calls(stock128, tmp_path):
     path = tmp_path / "sam_tiny.pth"
     torch.save(stock128.state_dict(), path)

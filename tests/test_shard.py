@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -30,6 +31,7 @@ from sharding.format import (
     encode_image,
     encode_masks,
     sample_key,
+    shard_name,
 )
 from sharding.manifest import load_manifest, verify_shards
 from sharding.plan import ESTIMATE_UNITS, split_of
@@ -217,9 +219,15 @@ def test_split_is_per_case(fmt, sharded):
             assert not cases[a] & cases[b], f"cases in both {a} and {b}: {cases[a] & cases[b]}"
     plan = json.loads((out / "plan.json").read_text())
     assert plan["inputs_per_shard"] == 2
-    assert all(len(s["units"]) <= 2 for s in plan["shards"])
-    # a case's units may span shards, but never splits
-    planned = {uid: s["split"] for s in plan["shards"] for uid in s["units"]}
+    assert all(s["count"] <= 2 for s in plan["shards"])
+    # a case's units may span shards, but never splits; each shard's sidecar lists its units
+    planned = {}
+    for s in plan["shards"]:
+        units = json.loads((out / s["split"] / f"{shard_name(s['index'])}.json").read_text())[
+            "units"
+        ]
+        assert (len(units), units[0], units[-1]) == (s["count"], s["first"], s["last"])
+        planned.update({uid: s["split"] for uid in units})
     reader = get_reader(fmt, corpus, cfg=cfg_of())
     for unit in reader.list_units():
         split = split_of(unit.dataset, unit.case_id, val_fraction=0.25, test_fraction=0.25)
@@ -355,7 +363,26 @@ def test_plan_mismatch_and_bad_arguments(tmp_path, capsys):
     # a changed corpus is refused too
     extra = synthetic.write_sa_med2d(tmp_path / "x", n_cases=3, slices_per_case=2, size=48)
     assert shard("sa-med2d", extra, out, "inputs_per_shard=2") == 2
-    assert "input units differ" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "input units differ from the plan in split" in err and "first differing shard" in err
+    # so is a corpus that lost one image
+    smaller = synthetic.write_sa_med2d(tmp_path / "s", n_cases=2, slices_per_case=2, size=48)
+    index = json.loads((smaller / "image2label_train.json").read_text())
+    dropped = sorted(index)[-1]
+    del index[dropped]
+    (smaller / "image2label_train.json").write_text(json.dumps(index))
+    assert shard("sa-med2d", smaller, out, "inputs_per_shard=2") == 2
+    now, planned = map(
+        int, re.search(r"(\d+) now, (\d+) planned", capsys.readouterr().err).groups()
+    )
+    assert now == planned - 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # plan.json is one line per shard, whatever the corpus size: no unit listing
+    plan = json.loads((out / "plan.json").read_text())
+    assert sum(s["count"] for s in plan["shards"]) == plan["units"] == 4
+    assert all(
+        set(s) == {"index", "split", "start", "count", "first", "last"} for s in plan["shards"]
+    )
     assert shard("sa-med2d", tmp_path / "missing", tmp_path / "o2") == 2
     assert "does not exist" in capsys.readouterr().err
     assert shard("sa-med2d", corpus, tmp_path / "o3", "no_such_key=1") == 2

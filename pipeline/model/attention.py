@@ -59,9 +59,13 @@ class EncoderAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        b, h, w, _ = x.shape
+        return self.proj(self.core(self.qkv(x)))
+
+    def core(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention between projections: (B, H, W, 3C) -> (B, H, W, C), before ``proj``."""
+        b, h, w, _ = qkv.shape
         heads = self.num_heads
-        qkv = self.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * heads, h * w, -1).unbind(0)
         if self.fused:
             bias = None
@@ -79,5 +83,43 @@ class EncoderAttention(nn.Module):
                     attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)
                 )
             out = attn.softmax(dim=-1) @ v
-        out = out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-        return self.proj(out)
+        return out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+
+    def windowed(self, x: torch.Tensor, window: int) -> torch.Tensor:
+        """Attention within ``window`` x ``window`` windows, as SAM's windowed blocks.
+
+        SAM pads the token grid with zeros up to a multiple of the window and runs the whole
+        attention, projections included, on the padded windows: at 256 px (a 16 x 16 grid,
+        window 14 -> 28 x 28) that is 3x the tokens in ``qkv`` and ``proj``. A padding token is
+        zero, so its q, k and v are ``qkv(0)``, one vector for all of them, and its output is
+        dropped. So only the real tokens are projected, the padding is filled with ``qkv(0)``
+        (it still takes part as keys and values, as in SAM), and only the real outputs go
+        through ``proj``. Same result (``qkv`` is per token: linear, LoRA, FacT).
+
+        Arguments:
+          x (torch.Tensor): normalised tokens (B, H, W, C).
+          window (int): window side.
+
+        Returns:
+          torch.Tensor: (B, H, W, C).
+        """
+        b, h, w, c = x.shape
+        pad_h, pad_w = (-h) % window, (-w) % window
+        qkv = self.qkv(x)
+        if pad_h or pad_w:
+            fill = self.qkv(x.new_zeros(1, 1, 1, c))
+            qkv = torch.cat([qkv, fill.expand(b, h, pad_w, -1)], dim=2)
+            qkv = torch.cat([qkv, fill.expand(b, pad_h, w + pad_w, -1)], dim=1)
+        hp, wp = h + pad_h, w + pad_w
+        windows = (
+            qkv.view(b, hp // window, window, wp // window, window, -1)
+            .permute(0, 1, 3, 2, 4, 5)
+            .reshape(-1, window, window, qkv.shape[-1])
+        )
+        out = self.core(windows)
+        out = (
+            out.view(b, hp // window, wp // window, window, window, -1)
+            .permute(0, 1, 3, 2, 4, 5)
+            .reshape(b, hp, wp, -1)
+        )
+        return self.proj(out[:, :h, :w].contiguous())

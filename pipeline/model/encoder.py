@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 from segment_anything.modeling import ImageEncoderViT
-from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
+from segment_anything.modeling.image_encoder import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -54,9 +54,7 @@ class AdaptedBlock(nn.Module):
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         if self.window_size > 0:
-            h, w = x.shape[1], x.shape[2]
-            windows, pad_hw = window_partition(x, self.window_size)
-            return window_unpartition(self.attn(windows), self.window_size, pad_hw, (h, w))
+            return self.attn.windowed(x, self.window_size)
         return self.attn(x)
 
     def forward(self, x: torch.Tensor, slices: int = 1) -> torch.Tensor:
