@@ -364,7 +364,7 @@ def test_plan_mismatch_and_bad_arguments(tmp_path, capsys):
     extra = synthetic.write_sa_med2d(tmp_path / "x", n_cases=3, slices_per_case=2, size=48)
     assert shard("sa-med2d", extra, out, "inputs_per_shard=2") == 2
     err = capsys.readouterr().err
-    assert "input units differ from the plan in split" in err and "first differing shard" in err
+    assert "input units differ from the plan in split" in err
     # so is a corpus that lost one image
     smaller = synthetic.write_sa_med2d(tmp_path / "s", n_cases=2, slices_per_case=2, size=48)
     index = json.loads((smaller / "image2label_train.json").read_text())
@@ -372,10 +372,9 @@ def test_plan_mismatch_and_bad_arguments(tmp_path, capsys):
     del index[dropped]
     (smaller / "image2label_train.json").write_text(json.dumps(index))
     assert shard("sa-med2d", smaller, out, "inputs_per_shard=2") == 2
-    now, planned = map(
-        int, re.search(r"(\d+) now, (\d+) planned", capsys.readouterr().err).groups()
-    )
-    assert now == planned - 1
+    err = capsys.readouterr().err
+    now, planned = map(int, re.search(r"(\d+) now, (\d+) planned", err).groups())
+    assert now == planned - 1 and "first differing shard" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # plan.json is one line per shard, whatever the corpus size: no unit listing
     plan = json.loads((out / "plan.json").read_text())
@@ -494,3 +493,26 @@ def test_verify_shards_names_a_modified_shard(sharded, tmp_path):
     (out / manifest["shards"][0]["path"]).write_bytes(b"short")
     bad = verify_shards(out)
     assert [b.split(":")[0] for b in bad] == [manifest["shards"][0]["path"], victim]
+
+
+def test_plan_listing_every_unit_is_still_read(tmp_path):
+    """plan.json of the first releases listed every unit per shard: reruns accept it."""
+    corpus = synthetic.write_sa_med2d(tmp_path / "c", n_cases=3, slices_per_case=2, size=48)
+    out = tmp_path / "out"
+    assert shard("sa-med2d", corpus, out, "inputs_per_shard=2") == 0
+    plan = json.loads((out / "plan.json").read_text())
+    for s in plan["shards"]:
+        side = json.loads((out / s["split"] / f"{shard_name(s['index'])}.json").read_text())
+        for key in ("start", "count", "first", "last"):
+            del s[key]
+        s["units"] = side["units"]
+    del plan["splits"]
+    (out / "plan.json").write_text(json.dumps(plan))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert shard("sa-med2d", corpus, out, "inputs_per_shard=2") == 0
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # and still catches a changed corpus
+    (out / "train" / f"{shard_name(0)}.tar").unlink()
+    plan["shards"][0]["units"] = plan["shards"][0]["units"][:-1]
+    (out / "plan.json").write_text(json.dumps(plan))
+    assert shard("sa-med2d", corpus, out, "inputs_per_shard=2") == 2
