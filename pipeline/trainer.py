@@ -29,6 +29,7 @@ from pipeline.checkpoint import (
     should_stop,
 )
 from pipeline.config import Config, ConfigError, flatten, save_config
+from pipeline.data.shards import read_class_map
 from pipeline.data.stream import build_eval_loader, build_train_loader
 from pipeline.data.volume import VolumeSliceDataset, build_volume_loader
 from pipeline.distributed import DistEnv
@@ -84,12 +85,43 @@ def check_config(cfg: Config) -> None:
         )
     if not cfg.data.shards and not cfg.data.volumes:
         raise ConfigError("data.shards is empty: point it at the output of samadapt shard")
+    if not interactive and cfg.data.shards and not cfg.data.volumes:
+        _check_classes(cfg)
     existing = None if cfg.train.resume else latest_complete(cfg.run_dir)
     if existing is not None:
         # Never overwrite a run's checkpoints by starting it again from scratch.
         raise ConfigError(
             f"run_dir {cfg.run_dir} already holds checkpoint {existing.name}: pass "
             "train.resume=auto to continue that run, or choose another run_dir"
+        )
+
+
+def _check_classes(cfg: Config) -> None:
+    # A prompt-free head predicts num_classes + 1 channels from the shards' class ids: ids
+    # beyond that, or no ids at all, cannot train (the loss would fail mid-run or learn nothing).
+    classes = read_class_map(cfg.data.shards)
+    if classes is None:
+        log.warning(
+            "data.shards=%s: the manifest has no class map (made by an older samadapt shard); "
+            "model.num_classes=%d is not checked against the class ids",
+            cfg.data.shards,
+            cfg.model.num_classes,
+        )
+        return
+    if not classes:
+        raise ConfigError(
+            f"model.head={cfg.model.head} needs class ids, but the masks in data.shards="
+            f"{cfg.data.shards} carry none (every mask has class id 0): shard with a class map "
+            "(dataset.json labels, classes.json) or train the promptable head (train.mode="
+            "interactive, model.head=sam)"
+        )
+    top = max(classes)
+    if top > cfg.model.num_classes:
+        named = ", ".join(f"{i}={n}" for i, n in sorted(classes.items())[:8])
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes}, but data.shards={cfg.data.shards} has "
+            f"class ids up to {top} ({named}{', ...' if len(classes) > 8 else ''}): set "
+            f"model.num_classes={top}"
         )
 
 

@@ -197,6 +197,11 @@ def format_report(output: str | Path, manifest: dict, summary: dict) -> str:
     lines += _table("samples per dataset", summary.get("by_dataset", {}))
     lines += _table("samples per modality", summary.get("by_modality", {}))
     lines += _table("masks per class", summary.get("by_class", {}))
+    if manifest.get("classes"):
+        pairs = ", ".join(f"{i}={n}" for i, n in manifest["classes"].items())
+        lines.append(
+            f"  class ids (model.num_classes >= {max(map(int, manifest['classes']))}): {pairs}"
+        )
     rejected_file = Path(output) / "rejected.jsonl"
     lines.append(f"  rejected: {summary.get('rejected', 0)} (see {rejected_file})")
     if summary.get("rejected_by_reason"):

@@ -96,6 +96,7 @@ def empty_counts() -> dict[str, Any]:
         "by_dataset": {},
         "by_modality": {},
         "by_class": {},
+        "classes": {},
         "rejected": 0,
         "rejected_by_reason": {},
     }
@@ -131,6 +132,25 @@ def _sorted_counts(counts: dict[str, Any]) -> dict[str, Any]:
 
 def _dump(obj: Any) -> str:
     return json.dumps(obj, indent=1, sort_keys=False) + "\n"
+
+
+def class_map(classes: dict[str, dict[str, int]]) -> dict[str, str]:
+    """Class id -> name over the whole set, ids in numeric order (``manifest["classes"]``).
+
+    Arguments:
+      classes: the summary's ``classes`` counters: id (str) -> {name: masks}.
+
+    Returns:
+      id (str) -> the name most masks of that id carry (ties: the first name in sorted order);
+      id 0 (no class) is left out.
+    """
+    out = {}
+    for cid in sorted(classes, key=int):
+        if int(cid) == 0:
+            continue
+        names = classes[cid]
+        out[cid] = min(names, key=lambda n: (-names[n], n))
+    return out
 
 
 def finalize(output: str | os.PathLike, plan: Plan, sidecars: Iterable[dict]) -> dict:
@@ -183,6 +203,7 @@ def finalize(output: str | os.PathLike, plan: Plan, sidecars: Iterable[dict]) ->
         "inputs_per_shard": plan.inputs_per_shard,
         "sharding": plan.settings,
         "totals": totals,
+        "classes": class_map(counts.get("classes", {})),
         "volumes": volumes,
         "shards": shards,
     }

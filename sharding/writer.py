@@ -181,6 +181,9 @@ def _count_sample(counts: dict, meta: dict) -> None:
     _bump(counts, "by_modality", meta["modality"] or "unknown")
     for name in meta["class_names"]:
         _bump(counts, "by_class", name or "unknown")
+    for cid, name in zip(meta["class_ids"], meta["class_names"], strict=True):
+        names = counts.setdefault("classes", {}).setdefault(str(cid), {})
+        names[name or "unknown"] = names.get(name or "unknown", 0) + 1
 
 
 def encode_unit(reader: Reader, unit: Unit, *, split: str, cfg: ShardingConfig) -> UnitResult:

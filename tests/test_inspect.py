@@ -56,6 +56,10 @@ def test_prints_totals_and_summary(shards, capsys):
     for name, count in summary["by_class"].items():
         assert f"{name}" in text and str(count) in text
     assert "SynthAbdomen" in text and "ct" in text and "mr" in text
+    classes = json.loads((shards / "manifest.json").read_text())["classes"]
+    assert "class ids (model.num_classes >= " in text and all(
+        f"{i}={n}" in text for i, n in classes.items()
+    )
     assert "rejected: 1" in text and "mask is empty" in text
 
 

@@ -6,6 +6,7 @@ from the Zarr volumes that ``samadapt shard --format nifti`` writes.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,22 @@ def test_3d_stack_depth_must_match(volumes, tmp_path):
         "train.mode=semantic",
     )
     assert proc.returncode == 2 and "data.slices=3 must equal model.slices=1" in proc.stderr
+
+
+def test_num_classes_checked_against_the_shards_class_map(small_shards, tmp_path):
+    classes = json.loads((small_shards / "manifest.json").read_text())["classes"]
+    assert classes and all(int(k) >= 1 and v for k, v in classes.items())
+    top = max(int(k) for k in classes)
+    proc = _train(
+        str(ROOT / "configs/debug.yaml"),
+        tmp_path / "r",
+        f"data.shards={small_shards}",
+        f"data.image_size={SMALL_SIZE}",
+        f"model.image_size={SMALL_SIZE}",
+        "model.head=linear",
+        f"model.num_classes={top - 1}",
+        "train.mode=semantic",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"model.num_classes={top - 1}" in proc.stderr and f"class ids up to {top}" in proc.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()

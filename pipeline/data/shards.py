@@ -23,6 +23,7 @@ __all__ = [
     "Shard",
     "epoch_order",
     "plan_epoch",
+    "read_class_map",
     "read_manifest",
     "seed_of",
     "split_by_node",
@@ -122,6 +123,22 @@ def read_manifest(
         present = sorted({str(e.get("split")) for e in entries if isinstance(e, dict)})
         raise SampleError(f"{path}: no shards for split {split!r} (splits present: {present})")
     return shards
+
+
+def read_class_map(root: str) -> dict[int, str] | None:
+    """Class id -> name of a shard set (``manifest["classes"]``); None when the manifest has no
+    class map (written before it existed). Ids are >= 1; 0 (no class) is not listed."""
+    path = Path(root) / "manifest.json"
+    try:
+        classes = json.loads(path.read_text()).get("classes")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.shards={root!r}: cannot read {path} ({exc})") from exc
+    if classes is None:
+        return None
+    try:
+        return {int(k): str(v) for k, v in classes.items()}
+    except (AttributeError, ValueError) as exc:
+        raise SampleError(f"{path}: 'classes' is not an id -> name map ({exc})") from exc
 
 
 def _deal(shards: list[Shard], parts: int) -> list[list[Shard]]:
