@@ -122,21 +122,27 @@ def _parser() -> argparse.ArgumentParser:
 # Workers
 # --------------------------------------------------------------------------------------------
 
-_WORKER: dict = {}
-
 
 def _build_reader(fmt: str, root: str, cfg: ShardingConfig) -> Reader:
     return get_reader(fmt, root, cfg=cfg)
 
 
-def _init_worker(fmt: str, root: str, cfg: ShardingConfig, output: str) -> None:
-    """Pool initializer (spawn): each worker builds its own reader once."""
+def _init_worker() -> None:
+    """Pool initializer (spawn)."""
     logging.basicConfig(level=logging.WARNING)
-    _WORKER.update(reader=_build_reader(fmt, root, cfg), cfg=cfg, output=Path(output))
 
 
-def _work(spec: ShardSpec) -> tuple[int, int, int]:
-    side = write_shard(_WORKER["reader"], spec, output=_WORKER["output"], cfg=_WORKER["cfg"])
+def _task_reader(reader: Reader, spec: ShardSpec) -> Reader:
+    """What a worker needs to write ``spec``: the reader cut down to the shard's units where the
+    reader supports it (its index of the whole corpus is not sent or rebuilt per worker)."""
+    subset = getattr(reader, "for_units", None)
+    return subset(spec.units) if subset is not None else reader
+
+
+def _work(
+    reader: Reader, spec: ShardSpec, cfg: ShardingConfig, output: str
+) -> tuple[int, int, int]:
+    side = write_shard(reader, spec, output=Path(output), cfg=cfg)
     return spec.index, side["samples"], side["counts"]["rejected"]
 
 
@@ -174,9 +180,11 @@ def _write_all(
             max_workers=min(workers, len(todo)),
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(fmt, input_path, cfg, str(output)),
         ) as pool:
-            futures = [pool.submit(_work, spec) for spec in todo]
+            futures = [
+                pool.submit(_work, _task_reader(reader, spec), spec, cfg, str(output))
+                for spec in todo
+            ]
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)

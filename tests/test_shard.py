@@ -159,7 +159,9 @@ def sharded(tmp_path_factory):
             base = tmp_path_factory.mktemp(fmt)
             corpus = make_corpus(fmt, base / "corpus")
             out = base / "out"
-            workers = 2 if fmt == "sa-med2d" else 1  # one format through the process pool
+            # SA-Med2D, folder and DICOM through the process pool (each worker gets a reader cut
+            # down to its shard's units), NIfTI in process
+            workers = 2 if fmt in ("sa-med2d", "folder", "dicom") else 1
             rc = shard(
                 fmt, corpus, out, "inputs_per_shard=2", "keep_empty_ratio=1.0", workers=workers
             )
@@ -516,3 +518,21 @@ def test_plan_listing_every_unit_is_still_read(tmp_path):
     plan["shards"][0]["units"] = plan["shards"][0]["units"][:-1]
     (out / "plan.json").write_text(json.dumps(plan))
     assert shard("sa-med2d", corpus, out, "inputs_per_shard=2") == 2
+
+
+@pytest.mark.parametrize("fmt", ["sa-med2d", "folder"])
+def test_worker_reader_holds_only_its_units(fmt, tmp_path):
+    """What a pool worker gets with a shard: a reader that loads that shard's units exactly as
+    the full reader does, without the index of the whole corpus."""
+    import pickle
+
+    corpus = make_corpus(fmt, tmp_path / "corpus")
+    reader = get_reader(fmt, corpus, cfg=cfg_of())
+    units = reader.list_units()
+    sub = reader.for_units(units[:2])
+    small, full = len(pickle.dumps(sub)), len(pickle.dumps(reader))
+    assert small < full
+    for unit in units[:2]:
+        a, b = reader.load(unit), pickle.loads(pickle.dumps(sub)).load(unit)
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.masks, b.masks)
+        assert (a.class_ids, a.slice_index) == (b.class_ids, b.slice_index)

@@ -22,6 +22,8 @@ mask but missing from classes.json (when that file exists) leaves that mask out,
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,14 @@ class FolderReader:
                 entries.append((f"images/{path.name}", self.dataset, case_id, number))
             self._slices = assign_slice_indices(entries)
         return self._slices
+
+    def for_units(self, units: Sequence[Unit]) -> FolderReader:
+        """A copy that knows only the slice indices of ``units`` (what a worker gets with each
+        shard, instead of listing the whole folder again)."""
+        slices = self._slice_indices()
+        sub = copy.copy(self)
+        sub._slices = {u.id: slices[u.id] for u in units if u.id in slices}
+        return sub
 
     def list_units(self) -> list[Unit]:
         """One unit per image, sorted by id; paths = (image, mask). No pixels are read."""

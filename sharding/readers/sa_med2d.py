@@ -40,10 +40,12 @@ Bad input: a missing, unreadable, wrongly sized or empty mask is left out and li
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,6 +237,15 @@ class SAMed2DReader:
             )
             for uid, e in entries.items()
         ]
+
+    def for_units(self, units: Sequence[Unit]) -> SAMed2DReader:
+        """A copy that can load only ``units``: what a worker process gets with each shard,
+        instead of parsing the whole index again (gigabytes of JSON for SA-Med2D-16M)."""
+        entries = self._index()
+        sub = copy.copy(self)
+        sub._entries = {u.id: entries[u.id] for u in units if u.id in entries}
+        sub._slices = {uid: self._slices[uid] for uid in sub._entries}
+        return sub
 
     # ---------------------------------------------------------------- loading
 
