@@ -308,7 +308,9 @@ def test_deepspeed_config_values():
     assert cfg["wall_clock_breakdown"] is False and cfg["steps_per_print"] > 10**9
     assert "optimizer" not in cfg and "scheduler" not in cfg
 
-    cpu = deepspeed_config(train=TrainConfig(), batch_size=2, world_size=2, on_gpu=False)
+    cpu = deepspeed_config(
+        train=TrainConfig(zero_stage=2), batch_size=2, world_size=2, on_gpu=False
+    )
     assert cpu["zero_optimization"] == {
         "stage": 2,
         "contiguous_gradients": True,
