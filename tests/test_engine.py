@@ -33,6 +33,7 @@ RUNS = {
     "zero0": {"zero_stage": 0},
     "zero0_bf16": {"zero_stage": 0, "precision": "bf16"},
     "zero2": {"zero_stage": 2},
+    "zero2_noclip": {"zero_stage": 2, "grad_clip": 0.0},  # no ZeRO gradient norm at all
     "zero3": {"zero_stage": 3},
     "zero2_offload": {"zero_stage": 2, "offload": True},
     "zero3_offload": {"zero_stage": 3, "offload": True},
@@ -189,9 +190,10 @@ def reference(train: TrainConfig) -> dict:
                 parts = [model(*batch(r, index), mode) for r in range(WORLD)]
                 (torch.stack(parts).mean() / accum).backward()
                 losses.append(float(parts[0].detach()))
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.grad is not None], train.grad_clip
-            )
+            if train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.grad is not None], train.grad_clip
+                )
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, train=train)
             opt.set_active(active)
@@ -315,7 +317,12 @@ def test_deepspeed_config_values():
         "stage": 2,
         "contiguous_gradients": True,
         "overlap_comm": False,
+        "compute_grad_norm": False,  # nothing to clip
     }
+    clipped = deepspeed_config(
+        train=TrainConfig(zero_stage=2, grad_clip=1.0), batch_size=2, world_size=2, on_gpu=False
+    )
+    assert "compute_grad_norm" not in clipped["zero_optimization"]
     assert cpu["bf16"]["enabled"] is False and cpu["fp16"]["enabled"] is False
     assert cpu["train_batch_size"] == 4 and cpu["gradient_clipping"] == 0.0
 
