@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,34 +103,39 @@ class Plan:
         return [s for s in self.shards if lo <= s.index < hi]
 
     def to_json(self) -> dict:
-        by_split: dict[str, list[str]] = {}
-        shards = []
-        for spec in self.shards:
-            ids = by_split.setdefault(spec.split, [])
-            shards.append(
-                {
-                    "index": spec.index,
-                    "split": spec.split,
-                    "start": len(ids),
-                    "count": len(spec.units),
-                    "first": spec.units[0].id,
-                    "last": spec.units[-1].id,
-                }
-            )
-            ids.extend(u.id for u in spec.units)
+        shards, splits = _compact((s.index, s.split, [u.id for u in s.units]) for s in self.shards)
         return {
             "format_version": FORMAT_VERSION,
             "format": self.format,
             "input": self.input,
             "settings": self.settings,
             "inputs_per_shard": self.inputs_per_shard,
-            "units": sum(len(ids) for ids in by_split.values()),
-            "splits": {
-                split: {"units": len(ids), "sha256": _ids_digest(ids)}
-                for split, ids in by_split.items()
-            },
+            "units": sum(entry["units"] for entry in splits.values()),
+            "splits": splits,
             "shards": shards,
         }
+
+
+def _compact(listing: Iterable[tuple[int, str, list[str]]]) -> tuple[list[dict], dict[str, dict]]:
+    """(index, split, unit ids) per shard in plan order -> plan.json's "shards" (position in the
+    split's unit list, count, first and last id) and "splits" (count and sha256 of the ids)."""
+    by_split: dict[str, list[str]] = {}
+    shards = []
+    for index, split, unit_ids in listing:
+        ids = by_split.setdefault(split, [])
+        shards.append(
+            {
+                "index": index,
+                "split": split,
+                "start": len(ids),
+                "count": len(unit_ids),
+                "first": unit_ids[0],
+                "last": unit_ids[-1],
+            }
+        )
+        ids.extend(unit_ids)
+    splits = {k: {"units": len(v), "sha256": _ids_digest(v)} for k, v in by_split.items()}
+    return shards, splits
 
 
 def _ids_digest(ids: Sequence[str]) -> str:
@@ -141,10 +146,10 @@ def _ids_digest(ids: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _split_units(units: Sequence[Unit], cfg: ShardingConfig) -> dict[str, list[Unit]]:
-    """Units by split, each list sorted by id."""
+def _split_units(ordered: Sequence[Unit], cfg: ShardingConfig) -> dict[str, list[Unit]]:
+    """Units (sorted by id) by split, in the same order."""
     by_split: dict[str, list[Unit]] = {s: [] for s in SPLITS}
-    for unit in sorted(units, key=lambda u: u.id):
+    for unit in ordered:
         split = split_of(
             unit.dataset,
             unit.case_id,
@@ -298,7 +303,7 @@ def _check_saved(
                 f"{key}={expected.get(key)!r}; rerun with the same settings, or write to a new "
                 "output folder (shards of both settings would be mixed)"
             )
-    by_split = _split_units(units, cfg)
+    by_split = _split_units(sorted(units, key=lambda u: u.id), cfg)
     if saved["shards"] and "units" in saved["shards"][0]:
         saved = _upgrade_listing(saved)
     for split in SPLITS:
@@ -350,20 +355,5 @@ def _first_difference(saved: dict, split: str, ids: list[str]) -> str:
 
 def _upgrade_listing(saved: dict) -> dict:
     # plan.json of the first releases listed every unit id per shard; same content, bigger.
-    by_split: dict[str, list[str]] = {}
-    shards = []
-    for s in saved["shards"]:
-        ids = by_split.setdefault(s["split"], [])
-        shards.append(
-            {
-                "index": s["index"],
-                "split": s["split"],
-                "start": len(ids),
-                "count": len(s["units"]),
-                "first": s["units"][0],
-                "last": s["units"][-1],
-            }
-        )
-        ids.extend(s["units"])
-    splits = {k: {"units": len(v), "sha256": _ids_digest(v)} for k, v in by_split.items()}
+    shards, splits = _compact((s["index"], s["split"], s["units"]) for s in saved["shards"])
     return {**saved, "shards": shards, "splits": splits}
