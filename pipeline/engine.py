@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 from torch import nn
 
 from pipeline.config import ConfigError, TrainConfig
@@ -199,8 +200,6 @@ class Engine:
         # of "has a gradient" flags makes the lists line up across ranks.
         if self._ds.dp_world_size == 1:
             return
-        import torch.distributed as tdist
-
         params = [
             (p, group["phase"] in active)
             for group in self.optimizer.param_groups
