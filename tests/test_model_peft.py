@@ -6,10 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.model import build_model
 from pipeline.model.peft import peft_method_of
+from pipeline.model.peft.adapters import Med2dAdapter
 
 TINY = dict(arch="tiny", embed_dim=64, depth=2, num_heads=2, global_attn_indexes=[1])
 ALL = ["sam_med2d_adapter", "msa_adapter", "lora", "fact", "adapter3d"]
@@ -242,3 +245,29 @@ def test_compile_option(base):
     with torch.no_grad():
         torch.testing.assert_close(model.encode(x), base.encode(x))
     assert set(model.state_dict()) >= set(base.state_dict())  # keys not prefixed by compile
+
+
+@pytest.mark.parametrize("side", [16, 15, 7])
+def test_med2d_adapter_is_sam_med2d_convolutions(side):
+    """The CPU path (im2col / col2im matrix products on channels-last tokens) computes SAM-Med2D's
+    adapter: channel gate, Conv2d 3x3 stride 2, ConvTranspose2d 4x4 stride 2, ReLUs, skip and
+    LayerNorm, as ``torch.nn`` convolutions on NCHW maps; outputs and all gradients, odd sizes
+    included (the transposed convolution comes back one larger and is cropped)."""
+    torch.manual_seed(0)
+    adapter = Med2dAdapter(24).double()
+    nn.init.normal_(adapter.norm.weight)  # zero at init would hide the branch
+    x = torch.randn(2, side, side, 24, dtype=torch.float64, requires_grad=True)
+
+    def reference(x):
+        gate = adapter.channel(x.mean(dim=(1, 2)))
+        maps = (x * gate[:, None, None, :]).permute(0, 3, 1, 2)
+        y = F.relu(adapter.up(F.relu(adapter.down(maps))))[:, :, :side, :side]
+        return adapter.norm(x + y.permute(0, 2, 3, 1))
+
+    ours, theirs = adapter(x), reference(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ours)
+    inputs = [x, *adapter.parameters()]
+    mine, ref = torch.autograd.grad(ours, inputs, g), torch.autograd.grad(theirs, inputs, g)
+    for a, b in zip(mine, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

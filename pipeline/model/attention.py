@@ -90,11 +90,13 @@ class EncoderAttention(nn.Module):
 
         SAM pads the token grid with zeros up to a multiple of the window and runs the whole
         attention, projections included, on the padded windows: at 256 px (a 16 x 16 grid,
-        window 14 -> 28 x 28) that is 3x the tokens in ``qkv`` and ``proj``. A padding token is
-        zero, so its q, k and v are ``qkv(0)``, one vector for all of them, and its output is
-        dropped. So only the real tokens are projected, the padding is filled with ``qkv(0)``
-        (it still takes part as keys and values, as in SAM), and only the real outputs go
-        through ``proj``. Same result (``qkv`` is per token: linear, LoRA, FacT).
+        window 14 -> 28 x 28) that is 3x the tokens. A padding token is zero, so its q, k and v
+        are ``qkv(0)``, one vector for all of them, and its output is dropped. So only the real
+        tokens are projected, the padding is filled with ``qkv(0)`` (it still takes part as
+        keys and values, as in SAM), and only the real tokens are queries: the real part of a
+        window is its top-left rectangle, so windows are attended in at most four groups (full,
+        last row, last column, corner) with the rows of the relative-position tables of their
+        query rectangle. Same result (``qkv`` is per token: linear, LoRA, FacT).
 
         Arguments:
           x (torch.Tensor): normalised tokens (B, H, W, C).
@@ -105,21 +107,74 @@ class EncoderAttention(nn.Module):
         """
         b, h, w, c = x.shape
         pad_h, pad_w = (-h) % window, (-w) % window
-        qkv = self.qkv(x)
-        if pad_h or pad_w:
-            fill = self.qkv(x.new_zeros(1, 1, 1, c))
-            qkv = torch.cat([qkv, fill.expand(b, h, pad_w, -1)], dim=2)
-            qkv = torch.cat([qkv, fill.expand(b, pad_h, w + pad_w, -1)], dim=1)
-        hp, wp = h + pad_h, w + pad_w
-        windows = (
-            qkv.view(b, hp // window, window, wp // window, window, -1)
-            .permute(0, 1, 3, 2, 4, 5)
-            .reshape(-1, window, window, qkv.shape[-1])
-        )
-        out = self.core(windows)
-        out = (
-            out.view(b, hp // window, wp // window, window, window, -1)
-            .permute(0, 1, 3, 2, 4, 5)
-            .reshape(b, hp, wp, -1)
-        )
-        return self.proj(out[:, :h, :w].contiguous())
+        qkv_all = self.qkv(x)  # (B, H, W, 3C): one matrix product for all real tokens
+        fill = self.qkv(x.new_zeros(1, 1, 1, c))[..., c:] if pad_h or pad_w else None
+        bands = []
+        for rows, real_h in _window_groups(h, window):
+            band = []
+            for cols, real_w in _window_groups(w, window):
+                # the windows of one kind: their real tokens' q, k, v as (N, real_h, real_w, 3C)
+                whole = (rows.start, rows.stop, cols.start, cols.stop) == (0, h, 0, w)
+                part = qkv_all if whole else qkv_all[:, rows, cols]
+                n_r, n_c = part.shape[1] // real_h, part.shape[2] // real_w
+                qkv = part.reshape(b, n_r, real_h, n_c, real_w, -1)
+                qkv = qkv.permute(0, 1, 3, 2, 4, 5).reshape(-1, real_h, real_w, 3 * c)
+                kv = qkv[..., c:]
+                if real_w < window:
+                    kv = torch.cat([kv, fill.expand(kv.shape[0], real_h, window - real_w, -1)], 2)
+                if real_h < window:
+                    kv = torch.cat([kv, fill.expand(kv.shape[0], window - real_h, window, -1)], 1)
+                out = self._window_core(qkv[..., :c], kv)  # (N, real_h, real_w, C)
+                out = out.view(b, n_r, n_c, real_h, real_w, c).permute(0, 1, 3, 2, 4, 5)
+                band.append(out.reshape(b, n_r * real_h, n_c * real_w, c))
+            bands.append(torch.cat(band, dim=2) if len(band) > 1 else band[0])
+        out = torch.cat(bands, dim=1) if len(bands) > 1 else bands[0]
+        return self.proj(out)
+
+    def _window_core(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Attention of the top-left queries of each window to all of its tokens.
+
+        Arguments:
+          q (torch.Tensor): the real queries, (N, real_h, real_w, C).
+          kv (torch.Tensor): keys and values of the whole window, (N, window, window, 2C).
+
+        Returns:
+          torch.Tensor: (N, real_h, real_w, C), before ``proj``.
+        """
+        n, real_h, real_w, c = q.shape
+        window, heads = kv.shape[1], self.num_heads
+        lq, lk = real_h * real_w, window * window
+        # (N*heads, L, head_dim) in contiguous memory, laid out as SAM's ``Attention`` has them
+        q = q.reshape(n, lq, heads, -1).transpose(1, 2).reshape(n * heads, lq, -1)
+        kv = kv.reshape(n, lk, 2, heads, -1).permute(2, 0, 3, 1, 4)
+        k, v = kv.reshape(2, n * heads, lk, -1).unbind(0)
+        rel_h = rel_w = None
+        if self.use_rel_pos:
+            table_h = get_rel_pos(window, window, self.rel_pos_h)[:real_h].to(q.dtype)
+            table_w = get_rel_pos(window, window, self.rel_pos_w)[:real_w].to(q.dtype)
+            grid_q = q.reshape(n * heads, real_h, real_w, -1)
+            rel_h = torch.einsum("bhwc,hkc->bhwk", grid_q, table_h)[:, :, :, :, None]
+            rel_w = torch.einsum("bhwc,wkc->bhwk", grid_q, table_w)[:, :, :, None, :]
+        shape = (n * heads, real_h, real_w, window, window)
+        if self.fused:
+            bias = None
+            if rel_h is not None:
+                bias = (rel_h + rel_w).reshape(n, heads, lq, lk)
+            out = F.scaled_dot_product_attention(
+                q.view(n, heads, lq, -1), k.view(n, heads, lk, -1), v.view(n, heads, lk, -1),
+                attn_mask=bias, scale=self.scale,
+            ).reshape(n * heads, lq, -1)  # fmt: skip
+        else:  # SAM's order of operations, so the result is SAM's to the bit
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if rel_h is not None:
+                attn = (attn.view(shape) + rel_h + rel_w).view(attn.shape)
+            out = attn.softmax(dim=-1) @ v
+        return out.view(n, heads, lq, -1).transpose(1, 2).reshape(n, real_h, real_w, c)
+
+
+def _window_groups(size: int, window: int) -> list[tuple[slice, int]]:
+    """Split ``size`` tokens along one axis into runs of windows with the same number of real
+    tokens: ``[(token slice, real tokens per window)]`` (the last window may be partial)."""
+    full, last = divmod(size, window)
+    groups = [(slice(0, full * window), window)] if full else []
+    return [*groups, (slice(full * window, size), last)] if last else groups
