@@ -163,6 +163,9 @@ class DataConfig:
     """
     foreground_only: bool = False
     """3D reader: only slices whose (centre) label has foreground."""
+    verify_checksums: bool = True
+    """Hash every shard as it streams (sha256, no extra read) and compare it with the manifest at
+    the shard's end: a damaged or rewritten shard stops the run with an error naming it."""
 
     def __post_init__(self) -> None:
         _require(self.image_size >= 16, "image_size", "must be >= 16")

@@ -1,12 +1,13 @@
 """``samadapt inspect``: what a shard set holds, and a picture to check it before training.
 
-    samadapt inspect OUTPUT [--sheet PNG] [--samples N] [--no-sheet]
+    samadapt inspect OUTPUT [--sheet PNG] [--samples N] [--no-sheet] [--verify]
 
 Prints the manifest totals and the summary (samples per split / dataset / modality, masks per
 class, empty slices kept and dropped, rejections by reason), then draws a contact sheet: a grid
 of N samples, each mask blended in its own colour with its outline, its class name written at
 the mask's most interior pixel, and the sample key above each tile. Samples are taken from
-evenly spaced shards of the manifest, preferring samples that have masks.
+evenly spaced shards of the manifest, preferring samples that have masks. ``--verify`` first
+re-hashes every shard against the manifest (size and sha256) and exits 1 naming each bad one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import cv2
 import numpy as np
 
 from sharding.format import IMAGE_EXT, MASKS_EXT, META_EXT, decode_image, decode_masks
-from sharding.manifest import load_manifest, load_summary
+from sharding.manifest import load_manifest, load_summary, verify_shards
 
 __all__ = ["cli", "contact_sheet", "format_report", "iter_samples", "pick_samples", "render_tile"]
 
@@ -218,6 +219,9 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--sheet", default=None, help="contact sheet PNG (default OUTPUT/sheet.png)")
     p.add_argument("--samples", type=int, default=16, help="samples on the sheet")
     p.add_argument("--no-sheet", action="store_true", help="only print the summary")
+    p.add_argument(
+        "--verify", action="store_true", help="check every shard's size and sha256 first"
+    )
     args = p.parse_args(argv)
     try:
         manifest = load_manifest(args.output)
@@ -226,6 +230,15 @@ def cli(argv: list[str]) -> int:
         print(f"samadapt inspect: {err}", file=sys.stderr)
         return 2
     print(format_report(args.output, manifest, summary))
+    if args.verify:
+        bad = verify_shards(args.output)
+        for line in bad:
+            print(f"samadapt inspect: damaged shard {line}", file=sys.stderr)
+        if bad:
+            print(f"samadapt inspect: {len(bad)} of {len(manifest['shards'])} shards fail the "
+                  "manifest check", file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"verified: {len(manifest['shards'])} shards match the manifest (size, sha256)")
     if args.no_sheet:
         return 0
     if args.samples < 1:

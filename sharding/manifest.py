@@ -5,7 +5,8 @@
 * ``finalize``: merges the per-shard sidecars into ``manifest.json``, ``summary.json`` and
   ``rejected.jsonl`` (all sorted, no timestamps: an interrupted and resumed run, a job array and a
   single run all give byte-identical files).
-* ``load_manifest`` / ``verify_shards``: for ``samadapt inspect``, the data reader and tests.
+* ``load_manifest`` / ``verify_shards``: for ``samadapt inspect`` (``--verify`` re-hashes every
+  shard) and tests; the data reader hashes each shard as it streams (``pipeline/data/stream.py``).
 """
 
 from __future__ import annotations
@@ -278,13 +279,13 @@ def verify_shards(output: str | os.PathLike) -> list[str]:
     for shard in load_manifest(output)["shards"]:
         path = output / shard["path"]
         if not path.is_file():
-            bad.append(f"{shard['path']}: missing")
+            bad.append(f"{path}: missing")
             continue
         size = path.stat().st_size
         if size != shard["bytes"]:
-            bad.append(f"{shard['path']}: {size} bytes, manifest says {shard['bytes']}")
+            bad.append(f"{path}: {size} bytes, manifest says {shard['bytes']}")
             continue
         digest = file_sha256(path)
         if digest != shard["sha256"]:
-            bad.append(f"{shard['path']}: sha256 {digest} != manifest {shard['sha256']}")
+            bad.append(f"{path}: sha256 {digest} != manifest {shard['sha256']}")
     return bad

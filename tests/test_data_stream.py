@@ -272,6 +272,30 @@ def test_shard_cut_at_member_boundary_is_detected(shards, tmp_path):
         list(build_eval_loader(cfg=_cfg(root, num_workers=0), rank=0, world_size=1))
 
 
+def test_same_size_damage_fails_the_checksum(shards, tmp_path):
+    """A flipped byte inside an image member keeps the size and still decodes (to wrong pixels):
+    the sha256 taken while streaming names the shard; data.verify_checksums=false reads it."""
+    import tarfile
+
+    out, _ = shards
+    root = _copy(out, tmp_path)
+    shard = root / "val" / "shard-000009.tar"
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".img"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data + member.size // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    for workers in (0, 2):
+        cfg = _cfg(root, num_workers=workers)
+        with pytest.raises(Exception, match=f"shard {shard}: sha256 .* manifest"):
+            list(build_eval_loader(cfg=cfg, rank=0, world_size=1))
+    unchecked = _cfg(root, num_workers=0, verify_checksums=False)
+    batches = list(build_eval_loader(cfg=unchecked, rank=0, world_size=1))
+    assert sum(len(b["keys"]) for b in batches) == sum(
+        s.samples for s in read_manifest(str(root), split="val", image_size=S)
+    )
+
+
 def test_image_size_mismatch_names_the_key(shards):
     out, _ = shards
     with pytest.raises(ConfigError, match=r"data\.image_size=64 .*image_size=32.*manifest\.json"):

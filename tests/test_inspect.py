@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -61,6 +62,27 @@ def test_prints_totals_and_summary(shards, capsys):
         f"{i}={n}" in text for i, n in classes.items()
     )
     assert "rejected: 1" in text and "mask is empty" in text
+
+
+def test_verify_names_damaged_shards(shards, tmp_path, capsys):
+    """--verify re-hashes every shard: all good -> a line saying so; a same-size flipped byte
+    and a cut shard -> exit 1, each named by its path, and nothing is written."""
+    assert cli([str(shards), "--no-sheet", "--verify"]) == 0
+    n = len(load_manifest(shards)["shards"])
+    assert f"verified: {n} shards match the manifest" in capsys.readouterr().out
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    paths = [copy / s["path"] for s in load_manifest(copy)["shards"]]
+    flipped, cut = paths[0], paths[-1]
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    cut.write_bytes(cut.read_bytes()[:-1024])
+    assert cli([str(copy), "--verify", "--sheet", str(tmp_path / "s.png")]) == 1
+    err = capsys.readouterr().err
+    assert f"{flipped}: sha256" in err and f"{cut}: " in err and "bytes, manifest says" in err
+    assert f"2 of {n} shards fail" in err
+    assert not (tmp_path / "s.png").exists()
 
 
 def test_contact_sheet_overlays_masks(shards, tmp_path, capsys):

@@ -55,6 +55,8 @@ class Shard:
     """Absolute path of the tar file."""
     samples: int
     bytes: int
+    sha256: str = ""
+    """The manifest's digest of the file ("" when the manifest has none)."""
 
 
 def read_manifest(
@@ -105,6 +107,7 @@ def read_manifest(
                 str(url if url.is_absolute() else path.parent / url),
                 int(entry["samples"]),
                 int(entry["bytes"]),
+                str(entry.get("sha256", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SampleError(f"{path}: shards[{i}] is malformed ({exc!r})") from exc

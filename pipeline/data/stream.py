@@ -46,6 +46,7 @@ when a worker ends). Semantic training keeps them (all-background label maps) un
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import random
 from collections.abc import Iterable, Iterator
@@ -56,6 +57,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.config import DataConfig
 from pipeline.data.collate import collate
@@ -105,21 +107,61 @@ def resampled_shards(
         raise SampleError(f"cannot resample: all shards are empty ({shards[0].url} ...)")
     while True:
         (shard,) = rng.choices(shards, weights=weights)
-        yield {"url": shard.url, "samples": shard.samples, "padding": padding}
+        yield {
+            "url": shard.url,
+            "samples": shard.samples,
+            "padding": padding,
+            "sha256": shard.sha256,
+        }
 
 
-def tar_samples(shards: Iterable[dict]) -> Iterator[dict]:
+class _Hashing:
+    """A read-only file that hashes (sha256) every byte read through it."""
+
+    def __init__(self, file) -> None:
+        self.file, self.digest = file, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.digest.update(data)
+        return data
+
+    def hexdigest_to_end(self) -> str:
+        """Read what the tar reader left (end-of-archive blocks) and return the file's digest."""
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest()
+
+
+def _shard_samples(url: str, hashed: list[str] | None) -> Iterator[dict]:
+    """One shard's raw samples; with ``hashed`` (a list), the file is hashed as it streams and
+    its sha256 is appended to ``hashed`` once the shard has been read to its end."""
+    if hashed is None:
+        yield from wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception)
+        return
+    with open(url, "rb") as file:
+        stream = _Hashing(file)
+        members = tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception)
+        yield from group_by_keys(members, handler=wds.reraise_exception)
+        hashed.append(stream.hexdigest_to_end())
+
+
+def tar_samples(shards: Iterable[dict], *, verify: bool = True) -> Iterator[dict]:
     """Shards -> raw samples (WebDataset's tar reader), one shard at a time.
 
     A shard that fails to read raises ``SampleError`` naming its path. Python's streaming tar reader
-    ends quietly at a cut (inside a member it returns the member's first bytes), so two checks
-    catch truncation: ``decode`` names a sample with a missing or broken member, and a shard read
-    to its end must hold the number of samples the manifest says.
+    ends quietly at a cut (inside a member it returns the member's first bytes), so three checks
+    catch damage: ``decode`` names a sample with a missing or broken member, a shard read to its
+    end must hold the number of samples the manifest says, and (``verify``) its sha256, taken as
+    it streams (no second read), must be the manifest's, which also catches same-size damage that
+    still decodes. Samples already read are not undone: the run stops at the shard's end.
     """
     for shard in shards:
         url, count = shard["url"], 0
+        expected = shard.get("sha256", "") if verify else ""
+        hashed: list[str] | None = [] if expected else None
         try:
-            for sample in wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception):
+            for sample in _shard_samples(url, hashed):
                 sample["__padding__"] = shard.get("padding", False)
                 count += 1
                 yield sample
@@ -131,6 +173,12 @@ def tar_samples(shards: Iterable[dict]) -> Iterator[dict]:
             raise SampleError(
                 f"shard {url}: read {count} samples, the manifest says {shard['samples']} "
                 "(truncated or rewritten after the manifest)"
+            )
+        if hashed and hashed[0] != expected:
+            raise SampleError(
+                f"shard {url}: sha256 {hashed[0]} is not the manifest's {expected} (damaged or "
+                "rewritten after sharding): copy it again or reshard; data.verify_checksums=false "
+                "skips this check"
             )
 
 
@@ -192,7 +240,7 @@ class ShardStream(IterableDataset):
     ) -> Iterator[dict]:
         """tar -> shuffle buffer -> decode -> map, for one run of shards."""
         cfg = self.cfg
-        samples: Iterator[dict] = tar_samples(shards)
+        samples: Iterator[dict] = tar_samples(shards, verify=cfg.verify_checksums)
         key = (cfg.seed, self.epoch, self.rank, worker, tag)
         if self.train and cfg.shuffle_buffer > 1:
             rng = random.Random(seed_of(*key, SHUFFLE))
@@ -240,7 +288,10 @@ class ShardStream(IterableDataset):
                 num_workers=workers,
             )
             mine = plan[self.rank][worker]
-            runs = [{"url": s.url, "samples": s.samples, "padding": False} for s in mine]
+            runs = [
+                {"url": s.url, "samples": s.samples, "padding": False, "sha256": s.sha256}
+                for s in mine
+            ]
             stream = self._samples(runs, worker, OWN, skipped)
             if self.equalize:
                 rng = random.Random(seed_of(cfg.seed, self.epoch, self.rank, worker, TOPUP))
