@@ -447,15 +447,36 @@ class TrainConfig:
         _require(self.val_every >= 0, "val_every", "must be >= 0")
 
 
+# Prompt kinds that pipeline.evaluate.validate_interactive scores: one box, or one point, per mask.
+EVAL_PROMPTS = ("box", "point")
+
+
 @dataclass
 class EvalConfig:
+    """Evaluation and validation (``pipeline/evaluate.py``)."""
+
     split: str = "test"
     max_samples: int = 0
     """0 = the whole split."""
     prompts: list[str] = field(default_factory=lambda: ["box", "point"])
+    """Prompt kinds scored per mask, each in its own metric: box, point."""
     clicks: int = 1
+    """Clicks per prompt."""
     overlays: int = 4
-    """Prediction-vs-truth overlay PNGs logged to MLflow at each validation."""
+    """Prediction-vs-truth overlay PNGs logged to MLflow at each validation (0 = none)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_samples >= 0, "max_samples", "must be >= 0 (0 = the whole split)")
+        _require(len(self.prompts) > 0, "prompts", "must name at least one prompt kind")
+        for kind in self.prompts:
+            _require(
+                kind in EVAL_PROMPTS,
+                "prompts",
+                f"unknown prompt kind {kind!r} (known: {', '.join(EVAL_PROMPTS)})",
+            )
+        _require(len(set(self.prompts)) == len(self.prompts), "prompts", "lists a kind twice")
+        _require(self.clicks >= 1, "clicks", f"must be >= 1, got {self.clicks}")
+        _require(self.overlays >= 0, "overlays", "must be >= 0 (0 = none)")
 
 
 @dataclass
@@ -473,7 +494,9 @@ class LaunchConfig:
     time_min: int = 60
     cpus_per_task: int = 2
     mem_gb: int = 0
+    """Memory per node; 0 = the scheduler's default (not requested)."""
     gpus_per_node: int = 0
+    """0 = none requested."""
     folder: str = ""
     """submitit log folder; empty = RUN_DIR/submitit."""
 
@@ -481,6 +504,17 @@ class LaunchConfig:
         _require(self.ranks >= 1, "ranks", "must be >= 1")
         _require(self.nodes >= 1, "nodes", "must be >= 1")
         _require(self.time_min >= 1, "time_min", "must be >= 1")
+        _require(
+            self.cpus_per_task >= 1, "cpus_per_task", f"must be >= 1, got {self.cpus_per_task}"
+        )
+        _require(
+            self.mem_gb >= 0, "mem_gb", f"must be >= 0 (0 = scheduler default), got {self.mem_gb}"
+        )
+        _require(
+            self.gpus_per_node >= 0,
+            "gpus_per_node",
+            f"must be >= 0 (0 = none requested), got {self.gpus_per_node}",
+        )
 
 
 @dataclass
@@ -518,10 +552,37 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        # Combinations of sections. The trainer checks them again (pipeline.trainer.check_config);
+        # here they also stop the commands that never train (model-info, export).
         _require(
             self.data.image_size == self.model.image_size,
             "data.image_size",
             f"({self.data.image_size}) must equal model.image_size ({self.model.image_size})",
+        )
+        # Odd like data.slices (a stack is centred on its labelled slice). Checked here, not in
+        # ModelConfig, which tests build with D=2, the smallest stack that runs the 3D branches.
+        _require(
+            self.model.slices % 2 == 1,
+            "model.slices",
+            f"must be odd and >= 1, got {self.model.slices}",
+        )
+        head, mode = self.model.head, self.train.mode
+        _require(
+            mode == "semantic" or head == "sam",
+            "model.head",
+            f"={head} is prompt-free: it needs train.mode=semantic (train.mode=interactive "
+            "trains SAM's promptable decoder, model.head=sam)",
+        )
+        _require(
+            mode == "interactive" or head != "sam",
+            "train.mode",
+            "=semantic needs a prompt-free head: model.head=auto|cnn|linear",
+        )
+        _require(
+            not self.data.volumes or self.data.slices == self.model.slices,
+            "data.slices",
+            f"={self.data.slices} must equal model.slices={self.model.slices} (the 3D adapters "
+            "see the stack depth)",
         )
 
 
@@ -670,7 +731,8 @@ def _build(cls: type, values: dict, prefix: str, sources: dict[str, str]) -> Any
         return cls(**kwargs)
     except _FieldError as err:
         full = f"{prefix}{err.key}"
-        raise ConfigError(f"{_where(full, sources)}: {full} {err.message}") from None
+        sep = "" if err.message.startswith("=") else " "  # "model.head=auto is ..."
+        raise ConfigError(f"{_where(full, sources)}: {full}{sep}{err.message}") from None
 
 
 def load_config(

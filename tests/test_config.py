@@ -51,6 +51,17 @@ def test_round_trip(tmp_path):
         ("sharding.val_fraction=1.5", "sharding.val_fraction must be in [0, 1], got 1.5"),
         ("data.image_size=512", "data.image_size (512) must equal model.image_size"),
         ("train", "is not of the form key=value"),
+        ("eval.prompts=[foo]", "command line: eval.prompts unknown prompt kind 'foo'"),
+        ("eval.prompts=[]", "eval.prompts must name at least one prompt kind"),
+        ("eval.prompts=[box, box]", "eval.prompts lists a kind twice"),
+        ("eval.clicks=0", "command line: eval.clicks must be >= 1, got 0"),
+        ("eval.max_samples=-1", "command line: eval.max_samples must be >= 0 (0 = the whole"),
+        ("eval.overlays=-3", "command line: eval.overlays must be >= 0"),
+        ("launch.cpus_per_task=0", "command line: launch.cpus_per_task must be >= 1, got 0"),
+        ("launch.gpus_per_node=-1", "command line: launch.gpus_per_node must be >= 0"),
+        ("launch.mem_gb=-5", "command line: launch.mem_gb must be >= 0"),
+        ("model.slices=2", "command line: model.slices must be odd and >= 1, got 2"),
+        ("model.slices=0", "command line: model.slices must be >= 1"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -69,3 +80,75 @@ def test_error_names_the_file(tmp_path):
     missing.write_text("defaults: [nowhere.yaml]\n")
     with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
         load_config(missing)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["eval.max_samples=0", "eval.overlays=0", "eval.prompts=[point]", "eval.clicks=3"],
+        ["launch.mem_gb=0", "launch.gpus_per_node=0", "launch.cpus_per_task=1"],
+        [
+            "model.slices=3",
+            "data.slices=3",
+            "data.volumes=v.zarr",
+            "model.head=auto",
+            "train.mode=semantic",
+        ],
+        ["model.head=cnn", "train.mode=semantic"],
+    ],
+    ids=["eval", "launch", "stack", "semantic"],
+)
+def test_edge_values_load(overrides):
+    """The values that mean "all" / "none" / "default" stay valid."""
+    load_config(CONFIGS[0].parent / "debug.yaml", overrides)
+
+
+# Combinations the trainer used to catch only when it started (pipeline.trainer.check_config).
+COMBINATIONS = [
+    (
+        ["model.head=auto"],
+        "command line: model.head=auto is prompt-free: it needs train.mode=semantic",
+    ),
+    (
+        ["train.mode=semantic"],
+        "command line: train.mode=semantic needs a prompt-free head: model.head=auto|cnn|linear",
+    ),
+    (
+        ["data.volumes=v.zarr", "data.slices=3", "model.slices=1"],
+        "command line: data.slices=3 must equal model.slices=1",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides, message", COMBINATIONS, ids=["head", "mode", "slices"])
+def test_impossible_combinations_fail_at_load(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS[0].parent / "debug.yaml", overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("command", ["model-info", "export"])
+@pytest.mark.parametrize("overrides, message", COMBINATIONS, ids=["head", "mode", "slices"])
+def test_commands_that_never_train_reject_combinations(
+    tmp_path, capsys, command, overrides, message
+):
+    from pipeline.cli import main
+
+    config = str(CONFIGS[0].parent / "debug.yaml")
+    args = [config, *overrides]
+    if command == "export":
+        args = [config, str(tmp_path / "state.pt"), str(tmp_path / "out.pt"), *overrides]
+    assert main([command, *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_combination_error_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults: [%s]\nmodel:\n  head: linear\n" % (CONFIGS[0].parent / "debug.yaml"))
+    with pytest.raises(ConfigError, match=f"^{bad}: model.head=linear is prompt-free"):
+        load_config(bad)
+    bad.write_text("eval:\n  clicks: 0\n")
+    with pytest.raises(ConfigError, match=f"^{bad}: eval.clicks must be >= 1"):
+        load_config(bad)
