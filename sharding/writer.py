@@ -271,16 +271,59 @@ class _HashingFile:
         return self.size
 
 
-def _add_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> None:
+class _TarWriter:
+    """The tar stream of a shard, byte for byte what ``tarfile`` writes in its default (PAX)
+    format for these members (mode 0644, mtime 0, uid/gid 0, no user names), at ~1/10 of its
+    cost per member: a name that fits a plain ustar header (ASCII, <= 100 bytes) gets one built
+    here; any other name goes through ``tarfile.TarInfo.tobuf`` (PAX extended header)."""
+
+    _RECORD = _TAR_BLOCK * 20  # tarfile.RECORDSIZE: the archive is padded to a multiple of it
+    # the constant fields of the header, after name/mode/uid/gid/size/mtime/chksum
+    _TAIL = (
+        b"0"  # typeflag: regular file
+        + bytes(100)  # linkname
+        + b"ustar\x0000"  # magic + version (POSIX)
+        + bytes(32 + 32)  # uname, gname
+        + bytes(8 + 8)  # devmajor, devminor: empty for a regular file, as tarfile writes them
+        + bytes(155 + 12)  # prefix, padding to 512
+    )
+    _FIXED = b"0000644\x00" + b"0000000\x00" * 2  # mode, uid, gid
+
+    def __init__(self, sink: _HashingFile) -> None:
+        self.sink = sink
+        self.offset = 0
+
+    def _header(self, name: str, size: int) -> bytes:
+        raw = name.encode("ascii", "surrogateescape") if name.isascii() else b""
+        if not raw or len(raw) > 100 or size >= 8**11:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = size, 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+        head = raw.ljust(100, b"\x00") + self._FIXED + b"%011o\x00" % size + b"00000000000\x00"
+        # checksum: byte sum with the checksum field itself taken as 8 spaces
+        checksum = sum(head) + sum(self._TAIL) + 8 * 32
+        return head + b"%06o\x00 " % checksum + self._TAIL
+
+    def add(self, name: str, data: bytes) -> None:
+        header = self._header(name, len(data))
+        pad = -len(data) % _TAR_BLOCK
+        self.sink.write(header)
+        self.sink.write(data)
+        if pad:
+            self.sink.write(bytes(pad))
+        self.offset += len(header) + len(data) + pad
+
+    def close(self) -> None:
+        """End-of-archive blocks, then zero padding to a whole record (as ``tarfile``)."""
+        end = 2 * _TAR_BLOCK
+        self.sink.write(bytes(end + -(self.offset + end) % self._RECORD))
+
+
+def _add_sample(tar: _TarWriter, key: str, members: dict[str, bytes]) -> None:
     for ext in _MEMBER_ORDER:
-        data = members[ext]
-        info = tarfile.TarInfo(f"{key}.{ext}")
-        info.size = len(data)
-        info.mtime = 0
-        info.mode = 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        tar.addfile(info, io.BytesIO(data))
+        tar.add(f"{key}.{ext}", members[ext])
 
 
 def _stale_tmps(tar_path: Path) -> Iterator[Path]:
@@ -338,30 +381,31 @@ def write_shard(reader: Reader, spec: ShardSpec, *, output: Path, cfg: ShardingC
     tmp = tmp_name(tar_path)
     with open(tmp, "wb") as raw:
         sink = _HashingFile(raw)
-        with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for unit in spec.units:
-                result = encode_unit(reader, unit, split=spec.split, cfg=cfg)
-                for sample in result.samples:
-                    if sample.key in seen:
-                        # the same dataset/case/slice from two units: keep the first
-                        _reject(
-                            result,
-                            {
-                                "unit": unit.id,
-                                "path": sample.meta["source"],
-                                "sample": sample.key,
-                                "reason": "duplicate sample key (also made by unit "
-                                f"{seen[sample.key]})",
-                            },
-                        )
-                        continue
-                    seen[sample.key] = unit.id
-                    _add_sample(tar, sample.key, sample.members)
-                    _count_sample(result.counts, sample.meta)
-                if result.volume is not None and cfg.volumes:
-                    write_case(output, result.volume, split=spec.split, cfg=cfg)
-                merge_counts(counts, result.counts)
-                rejections.extend(result.rejections)
+        tar = _TarWriter(sink)
+        for unit in spec.units:
+            result = encode_unit(reader, unit, split=spec.split, cfg=cfg)
+            for sample in result.samples:
+                if sample.key in seen:
+                    # the same dataset/case/slice from two units: keep the first
+                    _reject(
+                        result,
+                        {
+                            "unit": unit.id,
+                            "path": sample.meta["source"],
+                            "sample": sample.key,
+                            "reason": "duplicate sample key (also made by unit "
+                            f"{seen[sample.key]})",
+                        },
+                    )
+                    continue
+                seen[sample.key] = unit.id
+                _add_sample(tar, sample.key, sample.members)
+                _count_sample(result.counts, sample.meta)
+            if result.volume is not None and cfg.volumes:
+                write_case(output, result.volume, split=spec.split, cfg=cfg)
+            merge_counts(counts, result.counts)
+            rejections.extend(result.rejections)
+        tar.close()
         raw.flush()
         os.fsync(raw.fileno())
     digest, size = sink.sha.hexdigest(), sink.size
