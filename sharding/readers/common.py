@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -42,9 +43,9 @@ def modality_name(raw: str) -> str:
     return name
 
 
-def _check_complete(path: Path, data: bytes) -> None:
+def _check_complete(path: str | Path, data: bytes) -> None:
     """Reject files whose end is cut off: PNG must end with IEND, JPEG with EOI."""
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(path)[1].lower()
     if suffix == ".png":
         if not data.startswith(_PNG_SIGNATURE):
             raise RejectedInput(str(path), "not a PNG file (bad signature)")
@@ -57,14 +58,15 @@ def _check_complete(path: Path, data: bytes) -> None:
             raise RejectedInput(str(path), "truncated JPEG (no end-of-image marker)")
 
 
-def decode_image_file(path: Path, *, what: str = "") -> np.ndarray:
+def decode_image_file(path: str | Path, *, what: str = "") -> np.ndarray:
     """Read an image file as stored (any depth, channels as cv2 returns them, BGR order).
 
     Raises ``RejectedInput`` naming the file when it is missing ("``what`` file does not exist"),
     truncated or not decodable.
     """
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as file:  # plain open: pathlib costs ~25 us a file, per mask
+            data = file.read()
     except FileNotFoundError:
         raise RejectedInput(str(path), f"{what} file does not exist".lstrip()) from None
     except OSError as exc:

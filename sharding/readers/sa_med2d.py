@@ -249,7 +249,7 @@ class SAMed2DReader:
 
     # ---------------------------------------------------------------- loading
 
-    def _load_mask(self, path: Path, shape: tuple[int, int], out: np.ndarray) -> None:
+    def _load_mask(self, path: str, shape: tuple[int, int], out: np.ndarray) -> None:
         """Read one mask file into ``out`` (bool (H, W)): > 0 in any channel = inside."""
         arr = decode_image_file(path, what="mask")  # no separate stat: one syscall less
         if arr.shape[:2] != shape:
@@ -295,7 +295,7 @@ class SAMed2DReader:
         image_stem = entry.image.stem
         for path in entry.masks:
             try:
-                self._load_mask(Path(path), shape, stack[len(ids)])
+                self._load_mask(path, shape, stack[len(ids)])
             except RejectedInput as rej:
                 rejections.append(rej.record(unit.id))
                 continue
