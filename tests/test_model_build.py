@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import resource
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from segment_anything.build_sam import sam_model_registry
 from segment_anything.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -17,8 +20,10 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
+from pipeline.cli import main
 from pipeline.config import ConfigError, ModelConfig, load_config
 from pipeline.model import CheckpointError, build_model
+from pipeline.model.build import build_meta_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "debug.yaml")
@@ -336,3 +341,38 @@ def test_config_checks_name_the_key(tmp_path):
         DEBUG, ["model.peft=[lora,fact]", "model.peft_method_blocks={fact: [1]}"]
     ).model
     assert cfg.blocks_for("fact") == [1] and cfg.blocks_for("lora") == [0, 1]
+
+
+def _stock_counts(arch: str) -> dict[str, int]:
+    """Parameters of Meta's SAM per part, from segment_anything's own builder (on meta)."""
+    with torch.device("meta"):
+        sam = sam_model_registry[arch](checkpoint=None)
+    parts = ("image_encoder", "prompt_encoder", "mask_decoder")
+    return {part: sum(p.numel() for p in getattr(sam, part).parameters()) for part in parts}
+
+
+@pytest.mark.parametrize("arch", ["vit_l", "vit_h"])
+def test_large_archs_on_meta_match_meta_sam(arch, capsys):
+    """vit_l / vit_h at 1024 px without PEFT have exactly the parameters of Meta's builders
+    (308M / 637M image encoder), counted by ``samadapt model-info`` with no memory used."""
+    overrides = [f"model.arch={arch}", "model.peft=[]", "model.image_size=1024"]
+    overrides += ["data.image_size=1024"]
+    cfg = load_config(BASE, overrides).model
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    model = build_meta_model(cfg=cfg)
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    with torch.device("meta"):
+        via_build = build_model(cfg=cfg, load_checkpoint=False)
+    assert all(p.is_meta for p in via_build.parameters())
+    # vit_h in fp32 is 2.5 GB; nothing near that was allocated
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 512 * 1024
+
+    assert main(["model-info", BASE, *overrides, "--json"]) == 0
+    rows = {r["part"]: r["total"] for r in json.loads(capsys.readouterr().out)}
+    stock = _stock_counts(arch)
+    assert rows["image_encoder (SAM)"] == stock["image_encoder"]
+    assert rows["prompt_encoder"] == stock["prompt_encoder"]
+    assert rows["mask_decoder"] == stock["mask_decoder"]
+    assert rows["total"] == sum(stock.values())
+    assert rows["total"] == sum(p.numel() for p in model.parameters())
+    assert set(rows) == {"image_encoder (SAM)", "prompt_encoder", "mask_decoder", "total"}

@@ -97,6 +97,49 @@ def test_export_load_onto_fresh_base_identical(tmp_path, base_checkpoint, peft):
     assert not torch.allclose(outputs(other, images(2))[0], outputs(model, images(2))[0])
 
 
+@pytest.mark.parametrize(
+    "head, peft, progressive",
+    [
+        ("auto", [], False),  # AutoSAM: frozen encoder, trained decoder
+        ("auto", ["lora"], True),  # MA-SAM's progressive upsampler is exported as the head
+        ("cnn", ["sam_med2d_adapter"], False),
+        ("linear", ["fact"], False),
+    ],
+    ids=["auto", "auto-progressive", "cnn", "linear"],
+)
+def test_prompt_free_export_load_onto_fresh_base_identical(
+    tmp_path, base_checkpoint, head, peft, progressive
+):
+    cfg = tiny_cfg(
+        peft=peft,
+        head=head,
+        num_classes=3,
+        progressive_upsampling=progressive,
+        checkpoint=base_checkpoint,
+    )
+    model = build_model(cfg=cfg)
+    train_a_little(model)
+    model.eval()
+    out = export_trainable(model, tmp_path / "trained.pt")
+    stored_cfg, tensors = read_export(out)
+    assert stored_cfg == cfg
+    assert set(tensors) == set(model.trainable_names)
+    owner = "mask_decoder." if head == "auto" and not progressive else "head."
+    assert any(k.startswith(owner) for k in tensors)
+
+    fresh = load_exported(out, checkpoint=base_checkpoint)
+    assert not fresh.training
+    with torch.no_grad():
+        ours = model.semantic(images(2))
+        theirs = fresh.semantic(images(2))
+    assert ours.shape == (2, 4, 64, 64)
+    assert torch.equal(ours, theirs)
+    # the base really comes from the checkpoint: a random one gives other logits
+    with torch.no_grad():
+        other = load_exported(out, checkpoint="").semantic(images(2))
+    assert not torch.allclose(other, ours)
+
+
 def test_export_errors(tmp_path, base_checkpoint):
     torch.save({"format": "something-else"}, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="not a samadapt export"):

@@ -52,15 +52,26 @@ def check_gradients(model) -> None:
             assert p.grad is None, name
 
 
+# Trainable groups of each head besides the encoder's PEFT modules (auto trains its decoder).
+HEAD_GROUPS = {
+    "sam": {"prompt_encoder", "mask_decoder"},
+    "auto": {"mask_decoder"},
+    "cnn": {"head"},
+    "linear": {"head"},
+}
+# Each method alone, none (frozen encoder, as configs/autosam.yaml), pairs, all five.
+PEFTS = [[m] for m in METHODS] + [[], ["lora", "adapter3d"], ["fact", "msa_adapter"], METHODS]
+
+
 @pytest.mark.parametrize("head", ["sam", "auto", "cnn", "linear"])
-@pytest.mark.parametrize("peft", [[m] for m in METHODS] + [METHODS], ids=lambda p: "+".join(p))
+@pytest.mark.parametrize("peft", PEFTS, ids=lambda p: "+".join(p) or "frozen")
 def test_every_peft_and_head_forward_backward(peft, head):
     torch.manual_seed(0)
     model = build_model(cfg=tiny_cfg(peft=peft, head=head)).train()
     x = images(2 * D)
     groups = set(model.param_groups())
+    assert groups == HEAD_GROUPS[head] | ({"encoder_peft"} if peft else set())
     if head == "sam":
-        assert groups == {"encoder_peft", "prompt_encoder", "mask_decoder"}
         emb = model.encode(x)
         assert emb.shape == (2 * D, 256, S // 16, S // 16)
         index = torch.tensor([0, 3, 3, 1, 2])
@@ -70,13 +81,14 @@ def test_every_peft_and_head_forward_backward(peft, head):
         assert single.shape == (5, 1, S // 4, S // 4) and iou1.shape == (5, 1)
         loss = low.sigmoid().mean() + iou.square().mean() + single.mean()
     else:
-        expected = {"encoder_peft", "head"} if head != "auto" else {"encoder_peft", "mask_decoder"}
-        assert groups == expected
         logits = model.semantic(x)
         assert logits.shape == (2 * D, 4, S, S) and logits.dtype == torch.float32
         loss = F.cross_entropy(logits, torch.randint(0, 4, (2 * D, S, S)))
     loss.backward()
     check_gradients(model)
+    if not peft:  # frozen encoder: nothing in it is trained, so no gradient reaches it
+        assert not any(p.requires_grad for p in model.image_encoder.parameters())
+        assert all(p.grad is None for p in model.image_encoder.parameters())
 
 
 def test_forward_router_matches_methods():
@@ -134,3 +146,35 @@ def test_auto_progressive_upsampling_starts_at_bilinear():
         assert not torch.allclose(plain.semantic(x), up, atol=1e-4)  # one x4 step differs
     assert "head" in prog.param_groups()
     assert low.shape == (2, 4, S // 4, S // 4)
+
+
+def test_auto_progressive_upsampling_backward():
+    """The upsampler runs at full resolution ((P, C, S/4, S/4) -> (P, C, S, S), C = prompt_dim
+    / 8), and the loss reaches all of its parameters: at initialisation the zero projections
+    (whose gradient is not zero), once they have moved, the stages behind them too."""
+    torch.manual_seed(0)
+    model = build_model(cfg=tiny_cfg(head="auto", slices=1, progressive_upsampling=True)).train()
+    upsampler = model.head
+    shapes = []
+    upsampler.register_forward_hook(lambda m, i, o: shapes.append((i[0].shape, o.shape)))
+    x = images(2)
+    target = torch.randint(0, 4, (2, S, S), generator=torch.Generator().manual_seed(1))
+
+    logits = model.semantic(x)
+    assert logits.shape == (2, 4, S, S) and logits.dtype == torch.float32
+    assert shapes == [((2, 32, S // 4, S // 4), (2, 32, S, S))]  # prompt_dim 256 / 8
+    F.cross_entropy(logits, target).backward()
+    check_gradients(model)
+    grads = {n: p.grad for n, p in upsampler.named_parameters()}
+    assert all(g is not None for g in grads.values())
+    for name, grad in grads.items():
+        assert (grad.abs().sum() > 0) == (".proj." in name), name
+
+    with torch.no_grad():  # as after some training: the learned residuals are no longer zero
+        for stage in upsampler.stages:
+            stage.proj.weight.normal_(0, 0.1)
+    model.zero_grad()
+    F.cross_entropy(model.semantic(x), target).backward()
+    for name, p in upsampler.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    check_gradients(model)
