@@ -453,15 +453,14 @@ EVAL_PROMPTS = ("box", "point")
 
 @dataclass
 class EvalConfig:
-    """Evaluation and validation (``pipeline/evaluate.py``)."""
+    """Validation during training (``pipeline/evaluate.py``), on ``data.val_split``."""
 
-    split: str = "test"
     max_samples: int = 0
-    """0 = the whole split."""
+    """Samples per validation, over all ranks (0 = the whole split)."""
     prompts: list[str] = field(default_factory=lambda: ["box", "point"])
-    """Prompt kinds scored per mask, each in its own metric: box, point."""
+    """Prompt kinds scored per mask, each in its own metric (val/dice_box, val/dice_point)."""
     clicks: int = 1
-    """Clicks per prompt."""
+    """Foreground points per point prompt (at most data.point_num, what the reader makes)."""
     overlays: int = 4
     """Prediction-vs-truth overlay PNGs logged to MLflow at each validation (0 = none)."""
 
@@ -578,6 +577,13 @@ class Config:
             "train.mode",
             "=semantic needs a prompt-free head: model.head=auto|cnn|linear",
         )
+        _require(
+            mode != "interactive" or "point" not in self.eval.prompts
+            or self.eval.clicks <= self.data.point_num,
+            "eval.clicks",
+            f"={self.eval.clicks} needs data.point_num >= {self.eval.clicks} (the reader makes "
+            f"data.point_num={self.data.point_num} points per mask)",
+        )  # fmt: skip
         _require(
             not self.data.volumes or self.data.slices == self.model.slices,
             "data.slices",

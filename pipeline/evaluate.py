@@ -99,11 +99,14 @@ def validate_interactive(
     loader: Iterable[dict],
     *,
     prompts: tuple[str, ...] = ("box", "point"),
+    clicks: int = 1,
     keep: int = 0,
 ) -> tuple[dict[str, float], list[Example]]:
     """Mean Dice / IoU over every valid mask of the split, per prompt kind.
 
     Arguments:
+      prompts: "box" (the mask's box) and/or "point" (``clicks`` foreground points).
+      clicks: points per point prompt, the first ``clicks`` the reader made for the mask.
       keep: examples (image, truth, prediction with the first prompt kind) to return for
         overlays, from this rank's first batch.
 
@@ -128,7 +131,12 @@ def validate_interactive(
             if kind == "box":
                 inputs["boxes"] = p["boxes"]
             else:
-                inputs["points"] = (p["point_coords"][:, :1], p["point_labels"][:, :1])
+                if p["point_coords"].shape[1] < clicks:
+                    raise ValueError(
+                        f"eval.clicks={clicks}: the batch has {p['point_coords'].shape[1]} "
+                        "points per mask (data.point_num)"
+                    )
+                inputs["points"] = (p["point_coords"][:, :clicks], p["point_labels"][:, :clicks])
             logits, iou = engine(inputs, "decode")
             best, _, _ = select_best(logits, iou)
             full = torch.nn.functional.interpolate(

@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -342,11 +343,20 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         cfg = self.cfg
         loader = self._loader(0, split=cfg.data.val_split)
+        if cfg.eval.max_samples:  # this rank's share, in whole batches
+            share = math.ceil(cfg.eval.max_samples / self.env.world_size)
+            loader = islice(loader, math.ceil(share / cfg.data.batch_size))
         self.engine.eval()
         try:
             keep = cfg.eval.overlays if self.env.is_main else 0
             if self.interactive:
-                metrics, examples = validate_interactive(self.engine, loader, keep=keep)
+                metrics, examples = validate_interactive(
+                    self.engine,
+                    loader,
+                    prompts=tuple(cfg.eval.prompts),
+                    clicks=cfg.eval.clicks,
+                    keep=keep,
+                )
             else:
                 metrics, examples = validate_semantic(
                     self.engine,

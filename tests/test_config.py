@@ -85,7 +85,14 @@ def test_error_names_the_file(tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["eval.max_samples=0", "eval.overlays=0", "eval.prompts=[point]", "eval.clicks=3"],
+        [
+            "eval.max_samples=0",
+            "eval.overlays=0",
+            "eval.prompts=[point]",
+            "eval.clicks=3",
+            "data.point_num=3",
+        ],
+        ["eval.prompts=[box]", "eval.clicks=3"],  # no point prompt: clicks unused
         ["launch.mem_gb=0", "launch.gpus_per_node=0", "launch.cpus_per_task=1"],
         [
             "model.slices=3",
@@ -96,7 +103,7 @@ def test_error_names_the_file(tmp_path):
         ],
         ["model.head=cnn", "train.mode=semantic"],
     ],
-    ids=["eval", "launch", "stack", "semantic"],
+    ids=["eval", "eval-box", "launch", "stack", "semantic"],
 )
 def test_edge_values_load(overrides):
     """The values that mean "all" / "none" / "default" stay valid."""
@@ -117,10 +124,16 @@ COMBINATIONS = [
         ["data.volumes=v.zarr", "data.slices=3", "model.slices=1"],
         "command line: data.slices=3 must equal model.slices=1",
     ),
+    (
+        ["eval.clicks=3", "data.point_num=2"],
+        "command line: eval.clicks=3 needs data.point_num >= 3",
+    ),
 ]
 
 
-@pytest.mark.parametrize("overrides, message", COMBINATIONS, ids=["head", "mode", "slices"])
+@pytest.mark.parametrize(
+    "overrides, message", COMBINATIONS, ids=["head", "mode", "slices", "clicks"]
+)
 def test_impossible_combinations_fail_at_load(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS[0].parent / "debug.yaml", overrides)
@@ -129,7 +142,9 @@ def test_impossible_combinations_fail_at_load(overrides, message):
 
 
 @pytest.mark.parametrize("command", ["model-info", "export"])
-@pytest.mark.parametrize("overrides, message", COMBINATIONS, ids=["head", "mode", "slices"])
+@pytest.mark.parametrize(
+    "overrides, message", COMBINATIONS, ids=["head", "mode", "slices", "clicks"]
+)
 def test_commands_that_never_train_reject_combinations(
     tmp_path, capsys, command, overrides, message
 ):

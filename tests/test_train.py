@@ -87,14 +87,27 @@ def _check_export(path: Path) -> None:
 
 
 def test_interactive_zero3(small_shards, tmp_path):
+    """ZeRO-3 on 2 ranks; its validation follows the eval section: point prompts only, with 2
+    clicks, on at most 2 samples (one 2-image batch per rank) of the split."""
     run_dir = tmp_path / "run"
     args = ("train.steps=6", "train.log_every=1", "train.lr=1e-3", "train.zero_stage=3")
-    proc = _train(small_shards, run_dir, *args)
+    evals = ("train.val_every=6", "eval.prompts=[point]", "eval.clicks=2", "data.point_num=2")
+    proc = _train(small_shards, run_dir, *args, *evals, "eval.max_samples=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     loss = _history(run_dir, "loss")
     assert sorted(loss) == list(range(1, 7))
     assert loss[6] < loss[1], loss
     _check_export(run_dir / "export" / "trainable.pt")
+    assert _history(run_dir, "val/dice_point") and not _history(run_dir, "val/dice_box")
+    from pipeline.config import load_config
+    from pipeline.data.stream import build_eval_loader
+
+    data = load_config(ROOT / "configs/debug.yaml", _overrides(small_shards, run_dir)).data
+    batches = list(build_eval_loader(cfg=data, rank=0, world_size=1, batch_size=1))
+    per_sample = sorted(int(b["mask_valid"].sum()) for b in batches)
+    assert len(per_sample) > 4
+    (validated,) = _history(run_dir, "val/masks").values()
+    assert 0 < validated <= sum(per_sample[-4:]) < sum(per_sample)
 
 
 def test_kill_and_resume_continues_exactly(small_shards, tmp_path):
