@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,35 @@ def test_export_cli_from_a_full_state_dict(tmp_path, base_checkpoint, capsys):
     torch.save(build_model(cfg=tiny_cfg(peft=[])).state_dict(), tmp_path / "untrained.pt")
     with pytest.raises(SystemExit, match="missing keys"):
         main(["export", config, str(tmp_path / "untrained.pt"), str(tmp_path / "e2.pt")])
+
+
+def test_export_cli_merged_loads_into_stock_sam(tmp_path, base_checkpoint):
+    """--merged folds LoRA into the base weights: the file loads, strict, into a stock
+    segment_anything Sam and computes what the trained (unmerged) model computes."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_model_build import stock_sam
+
+    from pipeline.config import load_config
+
+    config = _write_config(tmp_path, base_checkpoint, peft=["lora"], head="sam")
+    model = build_model(cfg=load_config(config).model)
+    train_a_little(model)
+    model.eval()
+    torch.save(model.state_dict(), tmp_path / "trained.pt")
+    merged = tmp_path / "merged.pth"
+    args = [config, str(tmp_path / "trained.pt"), str(tmp_path / "e.pt"), "--merged", str(merged)]
+    assert main(["export", *args]) == 0
+    stock = stock_sam(64).eval()
+    stock.load_state_dict(torch.load(merged, weights_only=True), strict=True)
+    x = images(2)
+    with torch.no_grad():
+        theirs = stock.image_encoder(stock.preprocess(x.float()))
+        ours = model.encode(x)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    # the base weights are needed to merge
+    no_base = _write_config(tmp_path, "", peft=["lora"], head="sam")
+    with pytest.raises(SystemExit, match="--merged needs the base weights"):
+        main(["export", no_base, *args[1:]])
 
 
 def test_model_info_cli(tmp_path, capsys):

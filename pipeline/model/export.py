@@ -164,7 +164,7 @@ def read_trained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def cli(argv: list[str]) -> int:
-    """``samadapt export CONFIG STATE OUT [--dtype bf16] [key=value ...]``."""
+    """``samadapt export CONFIG STATE OUT [--dtype bf16] [--merged FILE] [key=value ...]``."""
     parser = argparse.ArgumentParser(
         prog="samadapt export",
         description="Write the trained tensors of a model (PEFT, trained SAM parts, head) and its "
@@ -174,6 +174,13 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("state", help="trained weights: a torch.save file or DeepSpeed checkpoint")
     parser.add_argument("out", help="output file (.pt)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument(
+        "--merged",
+        default=None,
+        metavar="FILE",
+        help="also write a full state dict with LoRA/FacT folded into the base weights (needs "
+        "model.checkpoint); with only LoRA/FacT and head=sam it loads into stock SAM",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides).model
@@ -187,10 +194,41 @@ def cli(argv: list[str]) -> int:
         model.load_trainable_state_dict(found, strict=True)
     except KeyError as err:
         raise SystemExit(f"samadapt export: {args.state}: {err}") from None
-    export_trainable(
+    out = export_trainable(
         model,
         args.out,
         dtype=DTYPES[args.dtype],
         meta={"source": str(Path(args.state).resolve()), "checkpoint": cfg.checkpoint},
     )
+    if args.merged:
+        if not cfg.checkpoint:
+            raise SystemExit(
+                "samadapt export: --merged needs the base weights: set model.checkpoint"
+            )
+        write_merged(out, args.merged)
     return 0
+
+
+def write_merged(export: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Base checkpoint + export, LoRA/FacT folded in, as one full state dict (temp + rename).
+
+    Keys are Meta's for everything SAM has; methods that cannot be folded (adapters) and heads
+    other than ``sam`` add their own keys, and then the file loads with ``build_model`` only.
+
+    Returns:
+      Path: the written file.
+    """
+    model = load_exported(export, merge=True)
+    left = list(model.cfg.peft)
+    if left or model.cfg.head != "sam":
+        log.warning(
+            "merged checkpoint keeps %s%s: load it with samadapt's build_model, not stock SAM",
+            ", ".join(left) or "no PEFT",
+            f" and head {model.cfg.head!r}" if model.cfg.head != "sam" else "",
+        )
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    log.info("wrote the merged state dict to %s", path)
+    return path
