@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import nibabel as nib
@@ -39,7 +40,7 @@ from sharding.readers import get_reader
 from sharding.records import RejectedInput, Volume
 from sharding.run import cli
 from sharding.transform import resize_sample, volume_slices
-from sharding.writer import estimate_unit_bytes
+from sharding.writer import _keep_empty, estimate_unit_bytes
 
 SIZE = 64
 COMMON = [f"image_size={SIZE}", "val_fraction=0.25", "test_fraction=0.25"]
@@ -117,6 +118,46 @@ def expected_samples(fmt: str, corpus: Path, cfg) -> dict[str, dict]:
                 "unit": unit.id,
             }
     return out
+
+
+def recount(samples: dict[str, dict]) -> dict:
+    """summary.json's sample counters, counted again from samples read back from the tars."""
+    by = {name: Counter() for name in ("by_split", "by_dataset", "by_modality", "by_class")}
+    for sample in samples.values():
+        meta = sample["meta"]
+        assert len(meta["class_ids"]) == len(meta["class_names"]) == sample["masks"].shape[0]
+        by["by_split"][meta["split"]] += 1
+        by["by_dataset"][meta["dataset"]] += 1
+        by["by_modality"][meta["modality"] or "unknown"] += 1
+        by["by_class"].update(name or "unknown" for name in meta["class_names"])
+    return {
+        "samples": len(samples),
+        "masks": sum(s["masks"].shape[0] for s in samples.values()),
+        "empty_kept": sum(not s["meta"]["class_ids"] for s in samples.values()),
+        **{name: dict(counter) for name, counter in by.items()},
+    }
+
+
+def rejected_lines(out: Path) -> dict[str, dict]:
+    """rejected.jsonl as path -> record (each path once)."""
+    lines = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    by_path = {r["path"]: r for r in lines}
+    assert len(by_path) == len(lines), f"a path rejected twice: {lines}"
+    return by_path
+
+
+def assert_written_as_read(fmt: str, corpus: Path, out: Path, *overrides: str) -> dict:
+    """The tars hold exactly the samples of the corpus' readable units, pixel-exact, the
+    shards match the manifest; returns the samples read back."""
+    expected = expected_samples(fmt, corpus, cfg_of(*overrides))
+    got = read_tars(out)
+    assert sorted(got) == sorted(expected)
+    for key, ref in expected.items():
+        np.testing.assert_array_equal(got[key]["image"], ref["image"], err_msg=key)
+        np.testing.assert_array_equal(got[key]["masks"], ref["masks"], err_msg=key)
+        assert got[key]["meta"]["class_ids"] == ref["class_ids"]
+    assert verify_shards(out) == []
+    return got
 
 
 def test_members_round_trip_and_damage_is_an_error():
@@ -452,13 +493,14 @@ def test_bad_inputs_are_reported_and_good_ones_written(tmp_path):
     assert (out / "manifest.json").exists() and verify_shards(out) == []
 
 
-def test_bad_volumes_are_reported(tmp_path):
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_bad_volumes_are_reported(tmp_path, bad):
     corpus = synthetic.write_nifti(tmp_path / "c", n_cases=4, shape=(4, 32, 32), seed=8)
     images = sorted((corpus / "imagesTr").glob("*.nii.gz"))
     labels = sorted((corpus / "labelsTr").glob("*.nii.gz"))
     img = nib.load(images[0])
     data = img.get_fdata().astype(np.float32)
-    data[1, 2, 3] = np.nan
+    data[1, 2, 3] = bad
     nib.save(nib.Nifti1Image(data, img.affine), images[0])
     lab = nib.load(labels[1])
     ldata = np.asarray(lab.dataobj).copy()
@@ -466,17 +508,195 @@ def test_bad_volumes_are_reported(tmp_path):
     nib.save(nib.Nifti1Image(ldata, lab.affine), labels[1])
     out = tmp_path / "out"
     assert shard("nifti", corpus, out, "keep_empty_ratio=1.0") == 0
-    lines = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
-    assert {r["path"] for r in lines} == {str(images[0]), str(labels[1])}
-    reasons = " | ".join(r["reason"] for r in lines)
-    assert "NaN" in reasons and "7" in reasons
+    by_path = rejected_lines(out)
+    assert set(by_path) == {str(images[0]), str(labels[1])}
+    assert by_path[str(images[0])]["reason"] == "image has 1 NaN/Inf voxels"
+    assert "label ids [7] are not in dataset.json" in by_path[str(labels[1])]["reason"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rejected"] == 2 and summary["units_rejected"] == 2
+    assert summary["rejected_by_reason"]["image has N NaN/Inf voxels"] == 1
     got = read_tars(out)
     assert {s["meta"]["case_id"] for s in got.values()} == {"synth_002", "synth_003"}
     assert len(got) == 2 * 4
     store = zarr.open_group(str(next((out / "volumes").glob("*.zarr"))), mode="r")
     assert sorted(store.attrs["cases"]) == ["synth_002", "synth_003"]
+
+
+@pytest.mark.parametrize("layout", ["nnunet", "msd"])
+def test_truncated_nifti_files_are_reported(tmp_path, layout):
+    corpus = synthetic.write_nifti(
+        tmp_path / "c", n_cases=4, shape=(4, 32, 32), seed=9, layout=layout
+    )
+    units = get_reader("nifti", corpus, cfg=cfg_of()).list_units()
+    image, label = Path(units[0].paths[0]), Path(units[2].paths[1])
+    # a download cut off in the compressed voxels, and one cut inside the header
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    label.write_bytes(label.read_bytes()[:20])
+    out = tmp_path / "out"
+    assert shard("nifti", corpus, out, "keep_empty_ratio=1.0") == 0
+    by_path = rejected_lines(out)
+    assert set(by_path) == {str(image), str(label)}
+    assert by_path[str(image)]["unit"] == units[0].id
+    assert by_path[str(image)]["reason"].startswith("unreadable image NIfTI (")
+    assert by_path[str(label)]["unit"] == units[2].id
+    assert by_path[str(label)]["reason"].startswith("unreadable label NIfTI (")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rejected"] == 2 and summary["units_rejected"] == 2 and summary["units"] == 4
+    assert summary["rejected_by_reason"] == {
+        "unreadable image NIfTI": 1,
+        "unreadable label NIfTI": 1,
+    }
+    got = assert_written_as_read("nifti", corpus, out, "keep_empty_ratio=1.0")
+    good = {units[1].case_id, units[3].case_id}
+    assert {s["meta"]["case_id"] for s in got.values()} == good and len(got) == 2 * 4
+    store = zarr.open_group(str(next((out / "volumes").glob("*.zarr"))), mode="r")
+    assert set(store.attrs["cases"]) == good
+
+
+def test_corrupt_dicom_files_are_reported(tmp_path):
+    corpus = synthetic.write_dicom(tmp_path / "c", n_cases=3, shape=(5, 40, 48), seed=10)
+    units = get_reader("dicom", corpus, cfg=cfg_of()).list_units()
+    # a slice cut short (an interrupted copy), and a file that is no DICOM at all
+    cut, junk = Path(units[0].paths[2]), Path(units[1].paths[0])
+    assert cut.name.startswith("IM") and junk.name.startswith("IM")
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 3 // 5])
+    junk.write_bytes(b"not a DICOM file\n" * 20)
+    out = tmp_path / "out"
+    assert shard("dicom", corpus, out, "keep_empty_ratio=1.0") == 0
+    by_path = rejected_lines(out)
+    assert set(by_path) == {str(cut), str(junk)}
+    assert by_path[str(cut)]["unit"] == "case_000"
+    # pydicom reads a short file lazily: the cut shows when the pixels are decoded
+    assert by_path[str(cut)]["reason"].startswith(("pixel data unreadable", "unreadable DICOM"))
+    assert by_path[str(junk)]["unit"] == "case_001"
+    assert by_path[str(junk)]["reason"].startswith("unreadable DICOM file (")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rejected"] == 2 and summary["units_rejected"] == 2 and summary["units"] == 3
+    assert sum(summary["rejected_by_reason"].values()) == 2
+    got = assert_written_as_read("dicom", corpus, out, "keep_empty_ratio=1.0")
+    assert {s["meta"]["case_id"] for s in got.values()} == {"case_002"} and len(got) == 5
+    store = zarr.open_group(str(next((out / "volumes").glob("*.zarr"))), mode="r")
+    assert list(store.attrs["cases"]) == ["case_002"]
+
+
+def test_dicom_label_id_missing_from_classes_json(tmp_path):
+    """The DICOM twin of the NIfTI label id missing from dataset.json: classes.json is the
+    class map; without it every id is taken and named label_<id>."""
+    corpus = synthetic.write_dicom(tmp_path / "c", n_cases=2, shape=(5, 40, 48), seed=11)
+    label = corpus / "case_001" / "label.nii.gz"
+    lab = nib.load(label)
+    data = np.asanyarray(lab.dataobj).copy()
+    data[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(data, lab.affine), label)
+    out = tmp_path / "out"
+    assert shard("dicom", corpus, out, "keep_empty_ratio=1.0") == 0
+    by_path = rejected_lines(out)
+    assert set(by_path) == {str(label)}
+    assert by_path[str(label)]["unit"] == "case_001"
+    assert by_path[str(label)]["reason"] == (
+        "label ids [7] are not among the known labels [1, 2, 3]"
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rejected"] == 1 and summary["units_rejected"] == 1
+    got = assert_written_as_read("dicom", corpus, out, "keep_empty_ratio=1.0")
+    assert {s["meta"]["case_id"] for s in got.values()} == {"case_000"}
+    assert load_manifest(out)["classes"] == {"1": "liver", "2": "kidney", "3": "spleen"}
+    (corpus / "classes.json").unlink()
+    out = tmp_path / "no_classes"
+    assert shard("dicom", corpus, out, "keep_empty_ratio=1.0") == 0
+    assert (out / "rejected.jsonl").read_text() == ""
+    got = assert_written_as_read("dicom", corpus, out, "keep_empty_ratio=1.0")
+    assert {s["meta"]["case_id"] for s in got.values()} == {"case_000", "case_001"}
+    assert sum(7 in s["meta"]["class_ids"] for s in got.values()) == 1
+    assert load_manifest(out)["classes"]["7"] == "label_7"
+
+
+@pytest.mark.parametrize("overrides", [(), ("keep_empty_ratio=0.5",)], ids=["default", "0.5"])
+def test_keep_empty_ratio_keeps_a_deterministic_fraction(tmp_path, overrides):
+    ratio = cfg_of(*overrides).keep_empty_ratio
+    assert ratio == (0.1 if not overrides else 0.5)
+    corpus = synthetic.write_nifti(tmp_path / "c", n_cases=6, shape=(40, 16, 16), seed=13)
+    for path in (corpus / "labelsTr").glob("*.nii.gz"):  # foreground in every 4th slice only
+        lab = nib.load(path)
+        data = np.asanyarray(lab.dataobj).copy()
+        data[:, :, np.arange(data.shape[2]) % 4 != 0] = 0
+        nib.save(nib.Nifti1Image(data, lab.affine), path)
+    reference = expected_samples("nifti", corpus, cfg_of(*overrides))
+    empty = {k for k, r in reference.items() if not r["class_ids"]}
+    full = set(reference) - empty
+    assert len(empty) == 6 * 30 and len(full) == 6 * 10
+    # the writer's rule: a Bernoulli(ratio) draw per slice, from a hash of the sample key; over
+    # these keys it must keep about ratio of the empties (within 4 binomial standard deviations)
+    chosen = {k for k in empty if _keep_empty(k, ratio)}
+    n = len(empty)
+    assert abs(len(chosen) - n * ratio) <= 4 * math.sqrt(n * ratio * (1 - ratio))
+    # the same slices are kept whatever the shard layout, and from pool workers (fresh
+    # interpreters: a per-process hash seed would show)
+    for i, (per_shard, workers) in enumerate([(2, 1), (3, 2)]):
+        out = tmp_path / f"out{i}"
+        rc = shard(
+            "nifti", corpus, out, *overrides, f"inputs_per_shard={per_shard}", workers=workers
+        )
+        assert rc == 0
+        got = read_tars(out)
+        kept = {k for k, s in got.items() if not s["meta"]["class_ids"]}
+        assert kept == chosen and set(got) == full | kept
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["empty_kept"] == len(kept)
+        assert summary["empty_dropped"] == len(empty) - len(kept)
+        assert summary["samples"] == len(got) == len(full) + len(kept)
+        assert summary["rejected"] == 0
+
+
+def mixed_sa_med2d(root: Path) -> Path:
+    """An SA-Med2D corpus of three datasets and three modalities (6 images each), two images
+    without any mask."""
+    corpus = synthetic.write_sa_med2d(
+        root, n_cases=6, slices_per_case=3, size=48, masks_per_image=(1, 3), seed=12
+    )
+
+    def rename(rel: str) -> str:
+        case = int(re.search(r"--case_(\d+)--", rel).group(1))
+        if case in (2, 3):
+            return rel.replace("--SynthAbdomen--", "--SynthPelvis--")
+        if case in (4, 5):
+            return re.sub(r"(ct|mr)_00--SynthAbdomen--", "xray_00--SynthChest--", rel)
+        return rel
+
+    index = corpus / "image2label_train.json"
+    mapping = {}
+    for image, masks in json.loads(index.read_text()).items():
+        for rel in (image, *masks):
+            (corpus / rel).rename(corpus / rename(rel))
+        mapping[rename(image)] = [rename(m) for m in masks]
+    for image in sorted(mapping)[::9]:
+        mapping[image] = []
+    index.write_text(json.dumps(mapping))
+    return corpus
+
+
+def test_summary_counts_match_the_shards(tmp_path):
+    corpus = mixed_sa_med2d(tmp_path / "c")
+    out = tmp_path / "out"
+    assert (
+        shard("sa-med2d", corpus, out, "inputs_per_shard=2", "keep_empty_ratio=1", workers=2) == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    counts = recount(assert_written_as_read("sa-med2d", corpus, out, "keep_empty_ratio=1"))
+    assert {k: summary[k] for k in counts} == counts
+    assert summary["by_dataset"] == {"SynthAbdomen": 6, "SynthChest": 6, "SynthPelvis": 6}
+    assert summary["by_modality"] == {"ct": 6, "mr": 6, "xray": 6}
+    assert summary["empty_kept"] == 2
+    totals = load_manifest(out)["totals"]["by_split"]
+    assert {s: t["samples"] for s, t in totals.items()} == summary["by_split"]
+
+
+@pytest.mark.parametrize("fmt", ["sa-med2d", "folder", "nifti", "dicom"])
+def test_summary_counts_match_the_shards_of_each_format(fmt, sharded):
+    _, out = sharded(fmt)
+    summary = json.loads((out / "summary.json").read_text())
+    counts = recount(read_tars(out))
+    assert {k: summary[k] for k in counts} == counts
 
 
 def test_verify_shards_names_a_modified_shard(sharded, tmp_path):

@@ -28,11 +28,11 @@ def make_corpus(fmt: str, root: Path) -> Path:
     return synthetic.write_nifti(root, n_cases=8, shape=(12, 96, 96), seed=12)
 
 
-def argv(fmt: str, corpus: Path, out: Path, *extra: str) -> list[str]:
+def argv(fmt: str, corpus: Path, out: Path, *extra: str, workers: int = 1) -> list[str]:
     per_shard = "4" if fmt == "sa-med2d" else "1"
     return [
         "--format", fmt, str(corpus), str(out), "image_size=64", f"inputs_per_shard={per_shard}",
-        "--workers", "1", "--no-progress", *extra,
+        "--workers", str(workers), "--no-progress", *extra,
     ]  # fmt: skip
 
 
@@ -59,32 +59,72 @@ def reference(request, tmp_path_factory):
     return request.param, corpus, out
 
 
-def test_sigkill_then_rerun_matches_uninterrupted_run(reference, tmp_path):
-    fmt, corpus, ref = reference
-    n_shards = len(json.loads((ref / "plan.json").read_text())["shards"])
-    assert n_shards >= 6
-    out = tmp_path / "killed"
+def group_running(pgid: int) -> bool:
+    """Whether a process of process group ``pgid`` is still running (zombies aside)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):  # the process ended while we looked
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
+
+
+def _one_cpu() -> None:
+    """Child setup: pin the run (and the pool workers it spawns) to one CPU."""
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+
+
+def kill_after_first_shard(args: list[str], out: Path) -> int:
+    """Run ``samadapt shard ARGS`` in a subprocess, SIGKILL it with all its processes once a
+    first shard is complete, and return how many shards were complete then.
+
+    The run has its own process group (pool workers die with it, as under Slurm or the OOM
+    killer) and is pinned to one CPU, so the 5 ms poll here keeps up with it even when the
+    machine is busy: the shards left take several writing rounds, the poll a few ms.
+    """
     proc = subprocess.Popen(
-        subprocess_cmd(argv(fmt, corpus, out)),
+        subprocess_cmd(args),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_one_cpu,
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not list(out.glob("*/shard-*.json")):
             assert proc.poll() is None, "the run ended before writing a sidecar"
-            assert time.monotonic() < deadline, "no sidecar after 120 s"
+            assert time.monotonic() < deadline, "no sidecar after 300 s"
             time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    sidecars = list(out.glob("*/shard-*.json"))
-    assert 1 <= len(sidecars) < n_shards, "the kill should interrupt the run"
+    # a killed worker may still finish the system call it was in: count once all are gone
+    deadline = time.monotonic() + 60
+    while group_running(proc.pid):
+        assert time.monotonic() < deadline, "processes of the killed run still running"
+        time.sleep(0.01)
+    return len(list(out.glob("*/shard-*.json")))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_then_rerun_matches_uninterrupted_run(reference, tmp_path, workers):
+    fmt, corpus, ref = reference
+    n_shards = len(json.loads((ref / "plan.json").read_text())["shards"])
+    assert n_shards >= 6
+    # the kill must land mid-way; should the run ever outpace the poll, start over (fresh folder)
+    for attempt in range(3):
+        out = tmp_path / f"killed-{attempt}"
+        complete = kill_after_first_shard(argv(fmt, corpus, out, workers=workers), out)
+        if complete < n_shards:
+            break
+    assert 1 <= complete < n_shards, "the kill should interrupt the run"
     assert not (out / "manifest.json").exists()
     before = {p: p.read_bytes() for p in out.glob("*/shard-*.tar")}
-    assert cli(argv(fmt, corpus, out)) == 0
+    assert cli(argv(fmt, corpus, out, workers=workers)) == 0
     # complete shards were kept as they were; stale temp files are gone
     for path, data in before.items():
         assert path.read_bytes() == data
