@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -128,8 +129,21 @@ def _build_reader(fmt: str, root: str, cfg: ShardingConfig) -> Reader:
 
 
 def _init_worker() -> None:
-    """Pool initializer (spawn)."""
+    """Pool initializer (spawn): quiet logging, and the worker exits when its parent dies.
+
+    Without the watch, a SIGKILL of the parent alone (``kill -9 PID``; Slurm and the OOM killer
+    kill the whole group) leaves the workers writing the shards queued to them and then waiting
+    forever, racing a rerun. A shard cut off here leaves only a temp file, which a rerun removes.
+    """
     logging.basicConfig(level=logging.WARNING)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()  # returns when the parent's end of the pipe closes: it has died
+    os._exit(1)
 
 
 def _task_reader(reader: Reader, spec: ShardSpec) -> Reader:

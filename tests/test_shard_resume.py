@@ -76,9 +76,10 @@ def _one_cpu() -> None:
     os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
 
 
-def kill_after_first_shard(args: list[str], out: Path) -> int:
-    """Run ``samadapt shard ARGS`` in a subprocess, SIGKILL it with all its processes once a
-    first shard is complete, and return how many shards were complete then.
+def kill_after_first_shard(args: list[str], out: Path, *, group: bool = True) -> int:
+    """Run ``samadapt shard ARGS`` in a subprocess, SIGKILL it with all its processes (``group``)
+    or the main process alone once a first shard is complete, wait until every process of the
+    run is gone, and return how many shards were complete then.
 
     The run has its own process group (pool workers die with it, as under Slurm or the OOM
     killer) and is pinned to one CPU, so the 5 ms poll here keeps up with it even when the
@@ -98,7 +99,10 @@ def kill_after_first_shard(args: list[str], out: Path) -> int:
             assert proc.poll() is None, "the run ended before writing a sidecar"
             assert time.monotonic() < deadline, "no sidecar after 300 s"
             time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -131,6 +135,16 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(reference, tmp_path, worke
     assert not list(out.rglob("*.tmp-*")) and not (out / "volumes" / ".tmp").exists()
     assert snapshot(out) == snapshot(ref)
     assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
+
+
+def test_pool_workers_exit_when_only_the_parent_is_killed(reference, tmp_path):
+    """kill -9 of the main process alone: its pool workers see it die and exit (none keeps
+    writing queued shards or waits forever, racing a rerun); the rerun gives the same set."""
+    fmt, corpus, ref = reference
+    out = tmp_path / "killed"
+    kill_after_first_shard(argv(fmt, corpus, out, workers=2), out, group=False)
+    assert cli(argv(fmt, corpus, out, workers=2)) == 0
+    assert snapshot(out) == snapshot(ref)
 
 
 def test_job_array_matches_single_run(reference, tmp_path):
