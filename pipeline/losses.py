@@ -112,14 +112,28 @@ def focal_loss(
         x = _upcast(logits)
         t = _upcast(target).to(x.dtype)
         # 1 - p as sigmoid(-x): the same value, without float32 cancellation for confident pixels.
-        p, q = torch.sigmoid(x), torch.sigmoid(-x)
-        positive = -alpha * t * q**gamma * torch.log(p + 1e-12)
-        negative = -(1.0 - alpha) * (1.0 - t) * p**gamma * torch.log(q + 1e-12)
-        per_pixel = positive + negative
-        if reduction == "batch":
-            return per_pixel.sum() / (per_pixel.numel() + 1e-12)
-        flat = per_pixel.flatten(1)
-        return (flat.sum(1) / (flat.shape[1] + 1e-12)).mean()
+        return _focal(torch.sigmoid(x), torch.sigmoid(-x), t, gamma, alpha, reduction)
+
+
+def _focal(
+    p: torch.Tensor, q: torch.Tensor, t: torch.Tensor, gamma: float, alpha: float, reduction: str
+) -> torch.Tensor:
+    """Focal loss from p = sigmoid(x), q = sigmoid(-x) = 1 - p and the target."""
+    positive = -alpha * t * q**gamma * torch.log(p + 1e-12)
+    negative = -(1.0 - alpha) * (1.0 - t) * p**gamma * torch.log(q + 1e-12)
+    per_pixel = positive + negative
+    if reduction == "batch":
+        return per_pixel.sum() / (per_pixel.numel() + 1e-12)
+    flat = per_pixel.flatten(1)
+    return (flat.sum(1) / (flat.shape[1] + 1e-12)).mean()
+
+
+def _overlap(p: torch.Tensor, t: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum(p t) and sum(p) + sum(t): over everything ("batch", shape ()) or per mask (P,)."""
+    if reduction == "per_mask":
+        p, t = p.flatten(1), t.flatten(1)
+        return (p * t).sum(1), p.sum(1) + t.sum(1)
+    return (p * t).sum(), p.sum() + t.sum()
 
 
 def dice_loss(
@@ -145,12 +159,7 @@ def dice_loss(
     _check_reduction(reduction, "dice_loss")
     with _full_precision(logits):
         p = torch.sigmoid(_upcast(logits))
-        t = _upcast(target).to(p.dtype)
-        if reduction == "batch":
-            inter, total = (p * t).sum(), p.sum() + t.sum()
-        else:
-            p, t = p.flatten(1), t.flatten(1)
-            inter, total = (p * t).sum(1), p.sum(1) + t.sum(1)
+        inter, total = _overlap(p, _upcast(target).to(p.dtype), reduction)
         return (1.0 - (2.0 * inter + smooth) / (total + smooth)).mean()
 
 
@@ -171,15 +180,8 @@ def soft_iou(
     _check_reduction(reduction, "soft_iou")
     with _full_precision(logits):
         p = torch.sigmoid(_upcast(logits))
-        t = _upcast(target).to(p.dtype)
-        if reduction == "per_mask":
-            p, t = p.flatten(1), t.flatten(1)
-            dims: tuple[int, ...] = (1,)
-        else:
-            dims = tuple(range(p.dim()))
-        inter = (p * t).sum(dims)
-        union = p.sum(dims) + t.sum(dims) - inter
-        return (inter + 1e-7) / (union + 1e-7)
+        inter, total = _overlap(p, _upcast(target).to(p.dtype), reduction)
+        return (inter + 1e-7) / (total - inter + 1e-7)
 
 
 def iou_mse_loss(
@@ -204,15 +206,22 @@ def iou_mse_loss(
     Returns:
       (torch.Tensor): scalar loss.
     """
+    _check_iou_pred(logits, iou_pred, "iou_mse_loss")
+    iou = soft_iou(logits, target, reduction=reduction)
+    return _iou_mse(iou, iou_pred, reduction, detach_iou_target)
+
+
+def _check_iou_pred(logits: torch.Tensor, iou_pred: torch.Tensor, name: str) -> None:
     if iou_pred.shape != (logits.shape[0], 1):
         raise ValueError(
-            f"iou_mse_loss: iou_pred must be (P, 1) = ({logits.shape[0]}, 1), "
-            f"got {tuple(iou_pred.shape)}"
+            f"{name}: iou_pred must be (P, 1) = ({logits.shape[0]}, 1), got {tuple(iou_pred.shape)}"
         )
-    iou = soft_iou(logits, target, reduction=reduction)
-    if detach_iou_target:
+
+
+def _iou_mse(iou: torch.Tensor, iou_pred: torch.Tensor, reduction: str, detach: bool):
+    if detach:
         iou = iou.detach()
-    with _full_precision(logits):
+    with _full_precision(iou_pred):
         pred = _upcast(iou_pred).to(iou.dtype)
         if reduction == "per_mask":
             iou = iou.unsqueeze(1)
@@ -251,13 +260,23 @@ def sam_med2d_loss(
       parts (dict[str, torch.Tensor]): "focal", "dice", "iou" unweighted terms, detached scalars
         still on the device (log them without a sync by stacking first).
     """
-    focal = focal_loss(logits, target, gamma=gamma, alpha=alpha, reduction=reduction)
-    dice = dice_loss(logits, target, smooth=smooth, reduction=reduction)
-    iou = iou_mse_loss(
-        logits, target, iou_pred, reduction=reduction, detach_iou_target=detach_iou_target
-    )
-    total = focal_weight * focal + dice_weight * dice + iou_weight * iou
-    return total, {"focal": focal.detach(), "dice": dice.detach(), "iou": iou.detach()}
+    _check_pair(logits, target, "sam_med2d_loss")
+    _check_reduction(reduction, "sam_med2d_loss")
+    _check_iou_pred(logits, iou_pred, "sam_med2d_loss")
+    # The three terms of ``focal_loss``, ``dice_loss`` and ``iou_mse_loss`` from one sigmoid
+    # pair and one set of sums (Dice and the soft IoU share them): fewer full-size passes
+    # forward and backward over the P masks at input size, nine times per batch.
+    with _full_precision(logits):
+        x = _upcast(logits)
+        t = _upcast(target).to(x.dtype)
+        p, q = torch.sigmoid(x), torch.sigmoid(-x)
+        focal = _focal(p, q, t, gamma, alpha, reduction)
+        inter, total = _overlap(p, t, reduction)
+        dice = (1.0 - (2.0 * inter + smooth) / (total + smooth)).mean()
+        iou = _iou_mse((inter + 1e-7) / (total - inter + 1e-7), iou_pred, reduction,
+                       detach_iou_target)  # fmt: skip
+    total_loss = focal_weight * focal + dice_weight * dice + iou_weight * iou
+    return total_loss, {"focal": focal.detach(), "dice": dice.detach(), "iou": iou.detach()}
 
 
 def select_best(
