@@ -138,8 +138,8 @@ class SAMed2DReader:
 
     # ---------------------------------------------------------------- listing
 
-    def _json_pairs(self) -> list[tuple[str, Path, list[str]]]:
-        pairs: list[tuple[str, Path, list[str]]] = []
+    def _json_pairs(self) -> list[tuple[str, str, list[str]]]:
+        pairs: list[tuple[str, str, list[str]]] = []
         files = sorted(self.root.glob("image2label_*.json"))
         for jf in files:
             try:
@@ -150,20 +150,20 @@ class SAMed2DReader:
                 raise ValueError(f"{jf}: must map image paths to lists of mask paths")
             images = [str(k) for k in mapping]
             masks = [str(m) for v in mapping.values() if isinstance(v, list) for m in v]
-            image_base = _choose_base(self.root, images)
+            image_base = str(_choose_base(self.root, images))
             mask_base = str(_choose_base(self.root, masks))
             for key, value in mapping.items():
                 if isinstance(value, str):
                     value = [value]
                 if not isinstance(value, list):
                     raise ValueError(f"{jf}: value of {key!r} must be a list of mask paths")
-                image = Path(os.path.normpath(image_base / str(key)))
+                image = os.path.normpath(os.path.join(image_base, str(key)))
                 pairs.append(
                     (jf.name, image, [os.path.normpath(os.path.join(mask_base, m)) for m in value])
                 )
         return pairs
 
-    def _scan_pairs(self) -> list[tuple[str, Path, list[str]]]:
+    def _scan_pairs(self) -> list[tuple[str, str, list[str]]]:
         image_dir, mask_dir = self.root / "images", self.root / "masks"
         if not image_dir.is_dir():
             raise ValueError(
@@ -182,11 +182,16 @@ class SAMed2DReader:
                 log.warning("%s: no image matches this mask's name; ignored", mask)
                 continue
             by_stem[owner][1].append(str(mask))
-        return [("images/", p, m) for p, m in by_stem.values()]
+        return [("images/", str(p), m) for p, m in by_stem.values()]
 
-    def _unit_id(self, image: Path) -> str:
-        rel = os.path.relpath(image, self.root)
-        return Path(rel).as_posix()
+    def _unit_id(self, image: str) -> str:
+        """The image path relative to ROOT, with "/" (string work: millions of images)."""
+        root = self._root_str
+        if image.startswith(root) and image[len(root) : len(root) + 1] == os.sep:
+            rel = image[len(root) + 1 :]
+        else:
+            rel = os.path.relpath(image, root)
+        return rel if os.sep == "/" else Path(rel).as_posix()
 
     def _index(self) -> dict[str, _Entry]:
         if self._entries is not None:
@@ -195,15 +200,17 @@ class SAMed2DReader:
         default_dataset = self.root.resolve().name
         override_mod = modality_name(self.cfg.modality)
         entries: dict[str, _Entry] = {}
+        self._root_str = os.path.normpath(os.path.abspath(self.root))
         for json_name, image, masks in pairs:
+            image = os.path.abspath(image) if not os.path.isabs(image) else image
             uid = self._unit_id(image)
             if uid in entries:
                 merged = entries[uid].masks + [m for m in masks if m not in entries[uid].masks]
                 entries[uid].masks = merged
                 continue
-            dataset, case_id, modality, number = parse_image_stem(image.stem, default_dataset)
+            dataset, case_id, modality, number = parse_image_stem(_stem(image), default_dataset)
             entries[uid] = _Entry(
-                image=image,
+                image=Path(image),
                 masks=list(masks),
                 json_name=json_name,
                 dataset=self.cfg.dataset or dataset,
@@ -213,7 +220,10 @@ class SAMed2DReader:
             )
         for entry in entries.values():
             entry.masks.sort()
-        names = {mask_class_name(_stem(m), e.image.stem) for e in entries.values() for m in e.masks}
+        names = set()
+        for e in entries.values():
+            image_stem = e.image.stem
+            names.update(mask_class_name(_stem(m), image_stem) for m in e.masks)
         names.discard("")
         self.class_ids = {name: i + 1 for i, name in enumerate(sorted(names))}
         self._slices = assign_slice_indices(
