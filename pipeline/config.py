@@ -585,6 +585,20 @@ class Config:
             f"data.point_num={self.data.point_num} points per mask)",
         )  # fmt: skip
         _require(
+            mode != "interactive"
+            or self.train.sum_interaction_losses
+            or self.train.grad_accum == 1,
+            "train.grad_accum",
+            f"={self.train.grad_accum}: each interaction step is its own optimizer step; "
+            "accumulate with train.sum_interaction_losses=true or use a larger batch",
+        )
+        _require(
+            not self.data.volumes or mode == "semantic",
+            "data.volumes",
+            "(3D slice stacks) feeds prompt-free training: set train.mode=semantic or train "
+            "from data.shards",
+        )
+        _require(
             not self.data.volumes or self.data.slices == self.model.slices,
             "data.slices",
             f"={self.data.slices} must equal model.slices={self.model.slices} (the 3D adapters "

@@ -58,32 +58,10 @@ def flatten_stacks(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_config(cfg: Config) -> None:
-    """Combinations that cannot work fail here, before anything is built, naming the key."""
+    """What the config alone cannot tell (the data is there, its classes fit the head, the run
+    directory is not another run's) fails here, before anything is built, naming the key."""
+    # Combinations of keys are checked when the config is built (pipeline.config.Config).
     interactive = cfg.train.mode == "interactive"
-    if interactive and cfg.model.head != "sam":
-        raise ConfigError(
-            f"model.head={cfg.model.head} is prompt-free: it needs train.mode=semantic "
-            "(train.mode=interactive trains SAM's promptable decoder, model.head=sam)"
-        )
-    if not interactive and cfg.model.head == "sam":
-        raise ConfigError(
-            "train.mode=semantic needs a prompt-free head: model.head=auto|cnn|linear"
-        )
-    if interactive and not cfg.train.sum_interaction_losses and cfg.train.grad_accum != 1:
-        raise ConfigError(
-            f"train.grad_accum={cfg.train.grad_accum}: each interaction step is its own optimizer "
-            "step; accumulate with train.sum_interaction_losses=true or use a larger batch"
-        )
-    if cfg.data.volumes and interactive:
-        raise ConfigError(
-            "data.volumes (3D slice stacks) feeds prompt-free training: set train.mode=semantic "
-            "or train from data.shards"
-        )
-    if cfg.data.volumes and cfg.data.slices != cfg.model.slices:
-        raise ConfigError(
-            f"data.slices={cfg.data.slices} must equal model.slices={cfg.model.slices} (the "
-            "3D adapters see the stack depth)"
-        )
     if not cfg.data.shards and not cfg.data.volumes:
         raise ConfigError("data.shards is empty: point it at the output of samadapt shard")
     if not interactive and cfg.data.shards and not cfg.data.volumes:

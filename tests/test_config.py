@@ -121,19 +121,32 @@ COMBINATIONS = [
         "command line: train.mode=semantic needs a prompt-free head: model.head=auto|cnn|linear",
     ),
     (
-        ["data.volumes=v.zarr", "data.slices=3", "model.slices=1"],
+        [
+            "data.volumes=v.zarr",
+            "data.slices=3",
+            "model.slices=1",
+            "train.mode=semantic",
+            "model.head=auto",
+        ],
         "command line: data.slices=3 must equal model.slices=1",
     ),
     (
         ["eval.clicks=3", "data.point_num=2"],
         "command line: eval.clicks=3 needs data.point_num >= 3",
     ),
+    (
+        ["train.grad_accum=2"],
+        "command line: train.grad_accum=2: each interaction step is its own optimizer step",
+    ),
+    (
+        ["data.volumes=v.zarr"],
+        "command line: data.volumes (3D slice stacks) feeds prompt-free training",
+    ),
 ]
+COMBINATION_IDS = ["head", "mode", "slices", "clicks", "accum", "volumes"]
 
 
-@pytest.mark.parametrize(
-    "overrides, message", COMBINATIONS, ids=["head", "mode", "slices", "clicks"]
-)
+@pytest.mark.parametrize("overrides, message", COMBINATIONS, ids=COMBINATION_IDS)
 def test_impossible_combinations_fail_at_load(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS[0].parent / "debug.yaml", overrides)
@@ -142,9 +155,7 @@ def test_impossible_combinations_fail_at_load(overrides, message):
 
 
 @pytest.mark.parametrize("command", ["model-info", "export"])
-@pytest.mark.parametrize(
-    "overrides, message", COMBINATIONS, ids=["head", "mode", "slices", "clicks"]
-)
+@pytest.mark.parametrize("overrides, message", COMBINATIONS, ids=COMBINATION_IDS)
 def test_commands_that_never_train_reject_combinations(
     tmp_path, capsys, command, overrides, message
 ):
