@@ -67,8 +67,9 @@ class Med2dAdapter(nn.Module):
 
         On the CPU oneDNN's convolution backward at these shapes (768 channels, 16 x 16 -> 8 x 8)
         runs at ~40 % of the matmul peak; as im2col + GEMM (and GEMM + col2im for the transposed
-        convolution), on the channels-last tokens with no layout change, the branch's forward +
-        backward takes ~0.6x the time. Same weights, same result up to float rounding.
+        convolution), on the channels-last tokens with no layout change, the stride-2
+        convolution's forward + backward takes about half the time and a ViT-B's 12 adapters
+        ~0.85x. Same weights, same result up to float rounding.
         """
         _, h, w, c = maps.shape
         k, s, p = self.down.kernel_size[0], self.down.stride[0], self.down.padding[0]
