@@ -551,8 +551,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        # Combinations of sections. The trainer checks them again (pipeline.trainer.check_config);
-        # here they also stop the commands that never train (model-info, export).
+        # Combinations of sections, checked here so that every command (train, model-info,
+        # export) stops on them; pipeline.trainer.check_config adds what needs the files.
         _require(
             self.data.image_size == self.model.image_size,
             "data.image_size",

@@ -136,6 +136,16 @@ def _overlap(p: torch.Tensor, t: torch.Tensor, reduction: str) -> tuple[torch.Te
     return (p * t).sum(), p.sum() + t.sum()
 
 
+def _dice(inter: torch.Tensor, total: torch.Tensor, smooth: float) -> torch.Tensor:
+    """1 - Dice from sum(p t) and sum(p) + sum(t), averaged over masks for "per_mask"."""
+    return (1.0 - (2.0 * inter + smooth) / (total + smooth)).mean()
+
+
+def _soft_iou(inter: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Soft IoU from sum(p t) and sum(p) + sum(t), eps 1e-7 as SAM-Med2D."""
+    return (inter + 1e-7) / (total - inter + 1e-7)
+
+
 def dice_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -160,7 +170,7 @@ def dice_loss(
     with _full_precision(logits):
         p = torch.sigmoid(_upcast(logits))
         inter, total = _overlap(p, _upcast(target).to(p.dtype), reduction)
-        return (1.0 - (2.0 * inter + smooth) / (total + smooth)).mean()
+        return _dice(inter, total, smooth)
 
 
 def soft_iou(
@@ -181,7 +191,7 @@ def soft_iou(
     with _full_precision(logits):
         p = torch.sigmoid(_upcast(logits))
         inter, total = _overlap(p, _upcast(target).to(p.dtype), reduction)
-        return (inter + 1e-7) / (total - inter + 1e-7)
+        return _soft_iou(inter, total)
 
 
 def iou_mse_loss(
@@ -272,8 +282,8 @@ def sam_med2d_loss(
         p, q = torch.sigmoid(x), torch.sigmoid(-x)
         focal = _focal(p, q, t, gamma, alpha, reduction)
         inter, total = _overlap(p, t, reduction)
-        dice = (1.0 - (2.0 * inter + smooth) / (total + smooth)).mean()
-        iou = _iou_mse((inter + 1e-7) / (total - inter + 1e-7), iou_pred, reduction,
+        dice = _dice(inter, total, smooth)
+        iou = _iou_mse(_soft_iou(inter, total), iou_pred, reduction,
                        detach_iou_target)  # fmt: skip
     total_loss = focal_weight * focal + dice_weight * dice + iou_weight * iou
     return total_loss, {"focal": focal.detach(), "dice": dice.detach(), "iou": iou.detach()}

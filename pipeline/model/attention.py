@@ -11,31 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.image_encoder import Attention, add_decomposed_rel_pos, get_rel_pos
+from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import nn
-
-
-def rel_pos_bias(
-    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
-) -> torch.Tensor:
-    """SAM's decomposed relative-position term as an additive attention bias.
-
-    Arguments:
-      q (torch.Tensor): queries (B*heads, h*w, head_dim), unscaled.
-      rel_pos_h, rel_pos_w (torch.Tensor): the tables (L, head_dim).
-      size (tuple(int, int)): (h, w) of the token grid (queries and keys alike).
-
-    Returns:
-      torch.Tensor: (B*heads, h*w, h*w), to add to the scaled q.k logits.
-    """
-    h, w = size
-    table_h = get_rel_pos(h, h, rel_pos_h)  # (h, h, head_dim)
-    table_w = get_rel_pos(w, w, rel_pos_w)
-    bh, _, dim = q.shape
-    grid_q = q.reshape(bh, h, w, dim)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", grid_q, table_h.to(q.dtype))
-    rel_w = torch.einsum("bhwc,wkc->bhwk", grid_q, table_w.to(q.dtype))
-    return (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(bh, h * w, h * w)
 
 
 class EncoderAttention(nn.Module):
@@ -58,32 +35,10 @@ class EncoderAttention(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
-        return self.proj(self.core(self.qkv(x)))
-
-    def core(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Attention between projections: (B, H, W, 3C) -> (B, H, W, C), before ``proj``."""
-        b, h, w, _ = qkv.shape
-        heads = self.num_heads
-        qkv = qkv.reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, b * heads, h * w, -1).unbind(0)
-        if self.fused:
-            bias = None
-            if self.use_rel_pos:
-                bias = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
-                bias = bias.view(b, heads, h * w, h * w)
-            shape = (b, heads, h * w, -1)
-            out = F.scaled_dot_product_attention(
-                q.view(shape), k.view(shape), v.view(shape), attn_mask=bias, scale=self.scale
-            )
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if self.use_rel_pos:
-                attn = add_decomposed_rel_pos(
-                    attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)
-                )
-            out = attn.softmax(dim=-1) @ v
-        return out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        """Global attention: (B, H, W, C) -> (B, H, W, C)."""
+        qkv = self.qkv(x)
+        c = x.shape[-1]
+        return self.proj(self._attend(qkv[..., :c], qkv[..., c:]))
 
     def windowed(self, x: torch.Tensor, window: int) -> torch.Tensor:
         """Attention within ``window`` x ``window`` windows, as SAM's windowed blocks.
@@ -124,38 +79,39 @@ class EncoderAttention(nn.Module):
                     kv = torch.cat([kv, fill.expand(kv.shape[0], real_h, window - real_w, -1)], 2)
                 if real_h < window:
                     kv = torch.cat([kv, fill.expand(kv.shape[0], window - real_h, window, -1)], 1)
-                out = self._window_core(qkv[..., :c], kv)  # (N, real_h, real_w, C)
+                out = self._attend(qkv[..., :c], kv)  # (N, real_h, real_w, C)
                 out = out.view(b, n_r, n_c, real_h, real_w, c).permute(0, 1, 3, 2, 4, 5)
                 band.append(out.reshape(b, n_r * real_h, n_c * real_w, c))
             bands.append(torch.cat(band, dim=2) if len(band) > 1 else band[0])
         out = torch.cat(bands, dim=1) if len(bands) > 1 else bands[0]
         return self.proj(out)
 
-    def _window_core(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """Attention of the top-left queries of each window to all of its tokens.
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Attention of a top-left block of query positions to all key positions of a grid.
 
         Arguments:
-          q (torch.Tensor): the real queries, (N, real_h, real_w, C).
-          kv (torch.Tensor): keys and values of the whole window, (N, window, window, 2C).
+          q (torch.Tensor): queries, (N, real_h, real_w, C): the whole grid (global attention)
+            or the real part of a padded window.
+          kv (torch.Tensor): keys and values of the whole grid or window, (N, kh, kw, 2C).
 
         Returns:
           torch.Tensor: (N, real_h, real_w, C), before ``proj``.
         """
         n, real_h, real_w, c = q.shape
-        window, heads = kv.shape[1], self.num_heads
-        lq, lk = real_h * real_w, window * window
+        kh, kw, heads = kv.shape[1], kv.shape[2], self.num_heads
+        lq, lk = real_h * real_w, kh * kw
         # (N*heads, L, head_dim) in contiguous memory, laid out as SAM's ``Attention`` has them
         q = q.reshape(n, lq, heads, -1).transpose(1, 2).reshape(n * heads, lq, -1)
         kv = kv.reshape(n, lk, 2, heads, -1).permute(2, 0, 3, 1, 4)
         k, v = kv.reshape(2, n * heads, lk, -1).unbind(0)
         rel_h = rel_w = None
         if self.use_rel_pos:
-            table_h = get_rel_pos(window, window, self.rel_pos_h)[:real_h].to(q.dtype)
-            table_w = get_rel_pos(window, window, self.rel_pos_w)[:real_w].to(q.dtype)
+            table_h = get_rel_pos(kh, kh, self.rel_pos_h)[:real_h].to(q.dtype)
+            table_w = get_rel_pos(kw, kw, self.rel_pos_w)[:real_w].to(q.dtype)
             grid_q = q.reshape(n * heads, real_h, real_w, -1)
             rel_h = torch.einsum("bhwc,hkc->bhwk", grid_q, table_h)[:, :, :, :, None]
             rel_w = torch.einsum("bhwc,wkc->bhwk", grid_q, table_w)[:, :, :, None, :]
-        shape = (n * heads, real_h, real_w, window, window)
+        shape = (n * heads, real_h, real_w, kh, kw)
         if self.fused:
             bias = None
             if rel_h is not None:

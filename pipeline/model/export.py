@@ -74,11 +74,7 @@ def export_trainable(
             **(meta or {}),
         },
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    path = _save(payload, path)
     log.info(
         "exported %d tensors (%.2f MB) to %s",
         len(tensors),
@@ -226,9 +222,16 @@ def write_merged(export: str | os.PathLike, path: str | os.PathLike) -> Path:
             ", ".join(left) or "no PEFT",
             f" and head {model.cfg.head!r}" if model.cfg.head != "sam" else "",
         )
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    path = _save(model.state_dict(), path)
     log.info("wrote the merged state dict to %s", path)
+    return path
+
+
+def _save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temp name, renamed when complete (a killed run leaves no half file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
     return path
