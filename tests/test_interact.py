@@ -274,7 +274,11 @@ def test_mask_prompt_and_mask_iou():
 _SYNCING = {"item", "cpu", "numpy", "tolist", "nonzero", "argwhere", "masked_select", "unique"}
 
 
-@pytest.mark.parametrize("module", [interact, losses])
+@pytest.mark.parametrize(
+    "module",
+    [interact, losses.terms, losses.interactive, losses.semantic, losses.options],
+    ids=lambda m: m.__name__,
+)
 def test_hot_path_has_no_syncing_calls(module):
     """Static check: no call that copies to the host or has a data-dependent shape, except in
     plan_interaction (host-side by design, on a CPU generator)."""
@@ -307,7 +311,13 @@ def _hot_path(g: torch.Generator) -> None:
     total, _ = losses.sam_med2d_loss(logits, target, iou)
     losses.sam_med2d_loss(logits, target, iou, reduction="per_mask")
     total.backward()
+    for name in losses.INTERACTIVE_LOSSES:
+        loss_fn = losses.build_interactive_loss(name, iou_target="live")
+        loss_fn(logits, target, iou)[0].backward()
+    losses.build_interactive_loss("bce_dice", pos_weight=2.0)(logits, target, iou)
     losses.ce_dice_loss(torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8)))
+    semantic = losses.build_semantic_loss("ce_dice", reduction="mask", include_background=False)
+    semantic(torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8)))
     sample_clicks(logits, target, k=9, generator=g)
     sample_first_point(target, generator=g)
     jitter_boxes(torch.rand(4, 4) * 10, generator=g, size=16)

@@ -1,36 +1,24 @@
-"""Training losses: SAM-Med2D's interactive loss and SAMed's semantic CE + Dice.
+"""Loss terms for mask logits: focal, BCE, soft Dice, soft IoU and its MSE, best-of-K selection.
 
 Everything here is a tensor op on the device: no host round-trip, no Python loop over masks.
 The math runs in float32 (float64 inputs stay float64) with autocast switched off inside, so a
 bf16/fp16 forward pass still gets full-precision reductions over the ~65k pixels of each mask.
 
-Interactive loss (SAM-Med2D ``utils.py``, classes ``FocalLoss``, ``DiceLoss``, ``MaskIoULoss``,
-``FocalDiceloss_IoULoss``)::
+The formulas (SAM-Med2D ``utils.py``, classes ``FocalLoss``, ``DiceLoss``, ``MaskIoULoss``)::
 
     p      = sigmoid(logits)
     focal  = sum(-alpha * t * (1-p)^gamma * log(p + 1e-12)
                  - (1-alpha) * (1-t) * p^gamma * log(1-p + 1e-12)) / (numel + 1e-12)
+    bce    = mean(-w * t * log(p) - (1-t) * log(1-p))          (w = pos_weight, as BCEWithLogits)
     dice   = 1 - (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth)
     iou    = (sum(p t) + 1e-7) / (sum(p) + sum(t) - sum(p t) + 1e-7)      (soft IoU, no threshold)
     iou_l  = mean((iou - iou_pred)^2)
-    total  = 20 * focal + 1 * dice + 1 * iou_l
 
-SAM-Med2D sums over the WHOLE batch tensor (all masks at once), so its Dice and its IoU target are
-one number for the batch, not one per mask: ``reduction="batch"`` (the default) reproduces that.
-``reduction="per_mask"`` computes each term per mask and averages over masks (for focal the two
-agree, since every mask has the same pixel count). SAM-Med2D takes the loss on the logits
-upscaled to the input size (``train.py`` upsamples before calling the criterion), and the IoU
-target is not detached, so the IoU term also pushes on the mask logits (``detach_iou_target``
-changes that). One numerical (not mathematical) difference: ``1 - p`` is computed as
-``sigmoid(-logits)``, which avoids float32 cancellation for confident pixels.
-
-Semantic loss (SAMed ``trainer.py::calc_loss``, ``utils.py::DiceLoss``)::
-
-    total = (1 - w) * CE + w * Dice,  w = 0.8   ->  ce_weight 0.2, dice_weight 0.8
-    Dice  = mean over classes c of 1 - (2 sum(s_c y_c) + 1e-5) / (sum(s_c^2) + sum(y_c^2) + 1e-5)
-
-with ``s = softmax(logits)``, ``y`` the one-hot label, sums over the whole batch per class, and
-the mean over ALL ``C + 1`` classes, background included (SAMed's ``DiceLoss(num_classes + 1)``).
+``reduction="batch"`` sums over the WHOLE batch tensor (all masks at once), as SAM-Med2D does, so
+its Dice and its IoU target are one number for the batch; ``reduction="per_mask"`` computes each
+term per mask and averages over masks (for focal and BCE the two agree, since every mask has the
+same pixel count). One numerical (not mathematical) difference from SAM-Med2D: ``1 - p`` is
+computed as ``sigmoid(-logits)``, which avoids float32 cancellation for confident pixels.
 """
 
 from __future__ import annotations
@@ -44,11 +32,10 @@ import torch.nn.functional as F
 
 __all__ = [
     "Reduction",
-    "ce_dice_loss",
+    "bce_loss",
     "dice_loss",
     "focal_loss",
     "iou_mse_loss",
-    "sam_med2d_loss",
     "select_best",
     "soft_iou",
 ]
@@ -126,6 +113,43 @@ def _focal(
         return per_pixel.sum() / (per_pixel.numel() + 1e-12)
     flat = per_pixel.flatten(1)
     return (flat.sum(1) / (flat.shape[1] + 1e-12)).mean()
+
+
+def bce_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    pos_weight: float = 1.0,
+    reduction: Reduction = "batch",
+) -> torch.Tensor:
+    """Binary cross-entropy on logits, ``BCEWithLogitsLoss(pos_weight=...)`` averaged per pixel.
+
+    Arguments:
+      logits (torch.Tensor): (P, 1, H, W) mask logits (any (P, ...) shape works).
+      target (torch.Tensor): same shape, 0/1 ground truth (any dtype).
+      pos_weight (float): weight of the foreground term (MSA trains with 2).
+      reduction (str): "batch" = mean over the whole tensor; "per_mask" = the mean per mask, then
+        the mean over masks (equal up to rounding, every mask has the same pixel count).
+
+    Returns:
+      (torch.Tensor): scalar loss, float32 (float64 for float64 inputs).
+    """
+    _check_pair(logits, target, "bce_loss")
+    _check_reduction(reduction, "bce_loss")
+    with _full_precision(logits):
+        x = _upcast(logits)
+        return _bce(x, _upcast(target).to(x.dtype), pos_weight, reduction)
+
+
+def _bce(x: torch.Tensor, t: torch.Tensor, pos_weight: float, reduction: str) -> torch.Tensor:
+    """BCE from logits: -log(sigmoid(x)) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x).
+
+    pos_weight stays a Python float: a tensor for it would be a host-to-device copy per call.
+    """
+    per_pixel = pos_weight * t * F.softplus(-x) + (1.0 - t) * F.softplus(x)
+    if reduction == "batch":
+        return per_pixel.mean()
+    return per_pixel.flatten(1).mean(1).mean()
 
 
 def _overlap(p: torch.Tensor, t: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,57 +262,6 @@ def _iou_mse(iou: torch.Tensor, iou_pred: torch.Tensor, reduction: str, detach: 
         return ((iou - pred) ** 2).mean()
 
 
-def sam_med2d_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    iou_pred: torch.Tensor,
-    *,
-    focal_weight: float = 20.0,
-    dice_weight: float = 1.0,
-    iou_weight: float = 1.0,
-    gamma: float = 2.0,
-    alpha: float = 0.25,
-    smooth: float = 1.0,
-    reduction: Reduction = "batch",
-    detach_iou_target: bool = False,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SAM-Med2D's ``FocalDiceloss_IoULoss``: 20 focal + 1 dice + 1 IoU-MSE.
-
-    Arguments:
-      logits (torch.Tensor): (P, 1, H, W) logits of the selected mask (see ``select_best``);
-        SAM-Med2D upsamples them to the input size first.
-      target (torch.Tensor): (P, 1, H, W) 0/1 ground truth.
-      iou_pred (torch.Tensor): (P, 1) predicted IoU of the selected mask.
-      focal_weight, dice_weight, iou_weight (float): term weights.
-      gamma, alpha (float): focal parameters.
-      smooth (float): Dice smoothing.
-      reduction (str): "batch" (SAM-Med2D) or "per_mask", applied to all three terms.
-      detach_iou_target (bool): see ``iou_mse_loss``.
-
-    Returns:
-      total (torch.Tensor): scalar loss to backpropagate.
-      parts (dict[str, torch.Tensor]): "focal", "dice", "iou" unweighted terms, detached scalars
-        still on the device (log them without a sync by stacking first).
-    """
-    _check_pair(logits, target, "sam_med2d_loss")
-    _check_reduction(reduction, "sam_med2d_loss")
-    _check_iou_pred(logits, iou_pred, "sam_med2d_loss")
-    # The three terms of ``focal_loss``, ``dice_loss`` and ``iou_mse_loss`` from one sigmoid
-    # pair and one set of sums (Dice and the soft IoU share them): fewer full-size passes
-    # forward and backward over the P masks at input size, nine times per batch.
-    with _full_precision(logits):
-        x = _upcast(logits)
-        t = _upcast(target).to(x.dtype)
-        p, q = torch.sigmoid(x), torch.sigmoid(-x)
-        focal = _focal(p, q, t, gamma, alpha, reduction)
-        inter, total = _overlap(p, t, reduction)
-        dice = _dice(inter, total, smooth)
-        iou = _iou_mse(_soft_iou(inter, total), iou_pred, reduction,
-                       detach_iou_target)  # fmt: skip
-    total_loss = focal_weight * focal + dice_weight * dice + iou_weight * iou
-    return total_loss, {"focal": focal.detach(), "dice": dice.detach(), "iou": iou.detach()}
-
-
 def select_best(
     low_res_logits: torch.Tensor, iou_pred: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -313,58 +286,3 @@ def select_best(
     logits = low_res_logits.gather(1, index.view(p, 1, 1, 1).expand(p, 1, h, w))
     iou = iou_pred.gather(1, index.view(p, 1))
     return logits, iou, index
-
-
-def ce_dice_loss(
-    logits: torch.Tensor,
-    label: torch.Tensor,
-    *,
-    ce_weight: float = 0.2,
-    dice_weight: float = 0.8,
-    smooth: float = 1e-5,
-    ignore_background_in_dice: bool = False,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy + multi-class soft Dice for prompt-free (semantic) heads, as SAMed.
-
-    SAMed: ``0.2 * CE + 0.8 * Dice`` (its ``dice_param`` 0.8), Dice on softmax scores with squared
-    terms in the denominator, smooth 1e-5, summed over the whole batch per class and averaged over
-    all classes including background. ``ignore_background_in_dice=True`` averages over the
-    foreground classes 1..C only.
-
-    Arguments:
-      logits (torch.Tensor): (B, C+1, H, W) class logits, channel 0 = background.
-      label (torch.Tensor): (B, H, W) int64 class index per pixel, in [0, C].
-      ce_weight, dice_weight (float): term weights.
-      smooth (float): Dice smoothing.
-      ignore_background_in_dice (bool): leave class 0 out of the Dice mean.
-
-    Returns:
-      total (torch.Tensor): scalar loss.
-      parts (dict[str, torch.Tensor]): "ce" and "dice" unweighted terms, detached.
-    """
-    if logits.dim() != 4 or label.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(
-            f"ce_dice_loss: need logits (B, C+1, H, W) and label (B, H, W), got "
-            f"{tuple(logits.shape)} and {tuple(label.shape)}"
-        )
-    if label.dtype != torch.int64:
-        raise ValueError(f"ce_dice_loss: label must be int64 class indices, got {label.dtype}")
-    n_classes = logits.shape[1]
-    if ignore_background_in_dice and n_classes < 2:
-        raise ValueError("ce_dice_loss: ignore_background_in_dice needs at least 2 channels")
-    with _full_precision(logits):
-        x = _upcast(logits)
-        ce = F.cross_entropy(x, label)
-        score = torch.softmax(x, dim=1)
-        # One-hot by comparison (F.one_hot checks the label range with a host sync on CUDA).
-        classes = torch.arange(n_classes, device=label.device).view(1, n_classes, 1, 1)
-        onehot = (label.unsqueeze(1) == classes).to(score.dtype)
-        dims = (0, 2, 3)
-        inter = (score * onehot).sum(dims)
-        denom = (score * score).sum(dims) + (onehot * onehot).sum(dims)
-        per_class = 1.0 - (2.0 * inter + smooth) / (denom + smooth)
-        if ignore_background_in_dice:
-            per_class = per_class[1:]
-        dice = per_class.mean()
-        total = ce_weight * ce + dice_weight * dice
-    return total, {"ce": ce.detach(), "dice": dice.detach()}
