@@ -31,7 +31,7 @@ test: venv
 	$(BIN)/python -m pytest -q tests
 
 quickstart: venv
-	$(BIN)/python -m sharding.synthetic --format sa-med2d $(QUICK)/corpus
+	$(BIN)/python -m samadapt.synthetic --format sa-med2d $(QUICK)/corpus
 	$(BIN)/samadapt shard --format sa-med2d $(QUICK)/corpus $(QUICK)/shards \
 		--config configs/debug.yaml
 	$(BIN)/samadapt inspect $(QUICK)/shards --sheet $(QUICK)/contact_sheet.png
@@ -40,7 +40,7 @@ quickstart: venv
 	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(QUICK))/run/mlflow.db"
 
 lint: venv
-	$(BIN)/ruff check pipeline sharding launch tests bench
+	$(BIN)/ruff check configtree samadapt pipeline sharding launch tests bench
 
 clean:
 	rm -rf $(QUICK) runs .pytest_cache

@@ -117,7 +117,7 @@ def shard_with_cli(corpus: Path, out: Path, overrides: list[str]) -> Path:
             )
         return out
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pipeline.cli", "shard", "--format", "sa-med2d"]
+    cmd = [sys.executable, "-m", "samadapt", "shard", "--format", "sa-med2d"]
     cmd += [str(corpus), str(out), *overrides, "--no-progress"]
     log.info("sharding: %s", " ".join(cmd[1:]))
     subprocess.run(cmd, check=True, cwd=REPO)

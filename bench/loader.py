@@ -206,13 +206,12 @@ def ours_stream(loop: Path, workers: int) -> tuple[Iterator[dict], list[int]]:
 
     cfg = DataConfig(
         shards=str(loop),
-        image_size=IMAGE_SIZE,
         mask_num=MASK_NUM,
         batch_size=BATCH,
         num_workers=workers,
         seed=0,
     )
-    it = iter(build_train_loader(cfg=cfg, rank=0, world_size=1))
+    it = iter(build_train_loader(cfg=cfg, image_size=IMAGE_SIZE, rank=0, world_size=1))
     pids = [w.pid for w in getattr(it, "_workers", [])]
     return it, pids
 

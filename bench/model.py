@@ -81,8 +81,8 @@ def worker(spec: dict) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.config import ModelConfig
     from pipeline.model import build_model
+    from pipeline.model.config import ModelConfig
 
     torch.manual_seed(0)
     device = torch.device(spec["device"])

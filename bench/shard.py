@@ -89,7 +89,7 @@ def limit_pass(items: list[tuple[Path, list[Path]]], *, size: int, level: int) -
 
 def ours_pass(corpus: Path, out: Path, *, workers: int, inputs_per_shard: int) -> int:
     """``run_shard`` of the whole corpus into ``out`` (must not exist); returns the samples."""
-    from pipeline.config import ShardingConfig
+    from sharding.config import ShardingConfig
     from sharding.run import run_shard
 
     cfg = ShardingConfig(image_size=IMAGE_SIZE, inputs_per_shard=inputs_per_shard)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     # the sharding driver logs per run; keep the table readable
     logging.getLogger("sharding").setLevel(logging.WARNING)
 
-    from pipeline.config import ShardingConfig
+    from sharding.config import ShardingConfig
 
     level = ShardingConfig().zstd_level
     corpus = ensure_corpus(cases=args.cases, slices=args.slices)

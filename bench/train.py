@@ -266,12 +266,12 @@ class _Ours(_Side):
     def setup(self, spec: dict) -> None:
         import torch
 
-        from pipeline.config import load_config
         from pipeline.data.stream import build_train_loader
         from pipeline.distributed import dist_env, init_distributed
         from pipeline.engine import build_engine
         from pipeline.model import build_model
         from pipeline.steps import interactive_step
+        from samadapt.config import load_config
 
         cfg = load_config(spec["config"], spec["overrides"])
         self.cfg = cfg
@@ -292,8 +292,9 @@ class _Ours(_Side):
         def endless():
             epoch = 0
             while True:
-                loader = build_train_loader(cfg=cfg.data, rank=env.rank,
-                                            world_size=env.world_size, epoch=epoch)  # fmt: skip
+                loader = build_train_loader(cfg=cfg.data, image_size=cfg.model.image_size,
+                                            rank=env.rank, world_size=env.world_size,
+                                            epoch=epoch)  # fmt: skip
                 yield from loader
                 epoch += 1
 
@@ -435,7 +436,6 @@ def start_worker(name: str, spec: dict, tmp: Path, *, device: str, threads: int)
 def our_overrides(args: argparse.Namespace, shards: Path) -> list[str]:
     out = [
         f"data.shards={shards}",
-        f"data.image_size={args.image_size}",
         f"model.image_size={args.image_size}",
         f"data.mask_num={args.mask_num}",
         f"data.batch_size={args.batch_size}",

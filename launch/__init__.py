@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from configtree import ConfigError
+from launch.config import LaunchConfig
 from launch.local import run_local
-from pipeline.config import LaunchConfig
 
 __all__ = ["run", "run_local"]
 
@@ -35,8 +36,6 @@ def run(
     """
     if cfg.mode == "local":
         if cfg.nodes != 1:
-            from pipeline.config import ConfigError
-
             raise ConfigError(f"launch.nodes={cfg.nodes} needs launch.mode=slurm")
         return run_local(entry=entry, argv=argv, ranks=cfg.ranks)
     from launch.submit import submit  # late import: submitit only when used

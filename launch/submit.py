@@ -15,8 +15,9 @@ from typing import Any
 
 import submitit
 
+from configtree import ConfigError
+from launch.config import LaunchConfig
 from launch.local import call_entry
-from pipeline.config import LaunchConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,6 @@ def executor_parameters(cfg: LaunchConfig, *, name: str) -> dict[str, Any]:
 def make_executor(cfg: LaunchConfig, *, folder: Path, name: str) -> submitit.AutoExecutor:
     cluster = "local" if cfg.mode == "submitit_local" else "slurm"
     if cluster == "local" and cfg.nodes != 1:
-        from pipeline.config import ConfigError
-
         raise ConfigError(f"launch.nodes={cfg.nodes} needs launch.mode=slurm")
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     executor.update_parameters(**executor_parameters(cfg, name=name))

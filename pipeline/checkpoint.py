@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ConfigError
+from configtree import ConfigError
 from pipeline.distributed import barrier, get_rank, get_world_size
 
 __all__ = [

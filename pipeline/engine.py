@@ -21,7 +21,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from pipeline.config import ConfigError, TrainConfig
+from configtree import ConfigError
+from pipeline.config import TrainConfig
 from pipeline.distributed import DistEnv
 from pipeline.optim import PhaseGatedAdamW, build_optimizer, lr_factor
 

@@ -109,7 +109,7 @@ class Tracker:
         Arguments:
           cfg: the tracking section.
           run_dir: the run directory (default store and artifacts live there).
-          params: flat ``{"train.lr": 1e-4, ...}`` (``pipeline.config.flatten(cfg)``).
+          params: flat ``{"train.lr": 1e-4, ...}`` (``configtree.flatten(cfg)``).
           tags: extra tags; git commit, hostname, world size and SLURM_JOB_ID are added.
           resume_run_id: the run id saved in the checkpoint; its run continues (same id).
 

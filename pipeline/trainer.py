@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from configtree import ConfigError, flatten, save_config
 from pipeline.checkpoint import (
     EXIT_REQUEUE,
     install_signal_handlers,
@@ -29,8 +30,8 @@ from pipeline.checkpoint import (
     save_checkpoint,
     should_stop,
 )
-from pipeline.config import Config, ConfigError, flatten, save_config
-from pipeline.data.shards import read_class_map
+from pipeline.config import PipelineConfig
+from pipeline.data.shards import read_class_map, read_manifest
 from pipeline.data.stream import build_eval_loader, build_train_loader
 from pipeline.data.volume import VolumeSliceDataset, build_volume_loader
 from pipeline.distributed import DistEnv
@@ -57,13 +58,22 @@ def flatten_stacks(batch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_config(cfg: Config) -> None:
+def check_config(cfg: PipelineConfig) -> None:
     """What the config alone cannot tell (the data is there, its classes fit the head, the run
     directory is not another run's) fails here, before anything is built, naming the key."""
-    # Combinations of keys are checked when the config is built (pipeline.config.Config).
+    # Combinations of keys are checked when the config is built (pipeline.config.PipelineConfig).
     interactive = cfg.train.mode == "interactive"
     if not cfg.data.shards and not cfg.data.volumes:
         raise ConfigError("data.shards is empty: point it at the output of samadapt shard")
+    if not cfg.data.volumes:
+        # The input size is the model's; the shards must have been written at it. Checked here
+        # too (the loaders check it again) so that it fails before any rank starts.
+        read_manifest(
+            cfg.data.shards,
+            split=cfg.data.train_split,
+            image_size=cfg.model.image_size,
+            check_files=False,
+        )
     if not interactive and cfg.data.shards and not cfg.data.volumes:
         _check_classes(cfg)
     existing = None if cfg.train.resume else latest_complete(cfg.run_dir)
@@ -75,7 +85,7 @@ def check_config(cfg: Config) -> None:
         )
 
 
-def _check_classes(cfg: Config) -> None:
+def _check_classes(cfg: PipelineConfig) -> None:
     # A prompt-free head predicts num_classes + 1 channels from the shards' class ids: ids
     # beyond that, or no ids at all, cannot train (the loss would fail mid-run or learn nothing).
     classes = read_class_map(cfg.data.shards)
@@ -105,7 +115,7 @@ def _check_classes(cfg: Config) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv):
+    def __init__(self, cfg: PipelineConfig, env: DistEnv):
         check_config(cfg)
         self.cfg = cfg
         self.env = env
@@ -145,13 +155,17 @@ class Trainer:
         """Training batches of one epoch; with ``split``, the evaluation batches of that split.
 
         2D samples come from the shards; with ``data.volumes`` set (prompt-free training of 3D
-        adapters), stacks of ``data.slices`` adjacent slices come from the Zarr store and are
+        adapters), stacks of ``model.slices`` adjacent slices come from the Zarr store and are
         flattened to (B*D, ...) with each stack's slices consecutive, as the model expects.
         """
         cfg = self.cfg
         if cfg.data.volumes and not self.interactive:
             dataset = VolumeSliceDataset(
-                cfg.data.volumes, cfg=cfg.data, split=split or cfg.data.train_split
+                cfg.data.volumes,
+                cfg=cfg.data,
+                image_size=cfg.model.image_size,
+                slices=cfg.model.slices,
+                split=split or cfg.data.train_split,
             )
             loader = build_volume_loader(
                 dataset,
@@ -165,7 +179,13 @@ class Trainer:
             )
             return map(flatten_stacks, loader)
         mode = "interactive" if self.interactive else "semantic"
-        kwargs = dict(cfg=cfg.data, rank=self.env.rank, world_size=self.env.world_size, mode=mode)
+        kwargs = dict(
+            cfg=cfg.data,
+            image_size=cfg.model.image_size,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            mode=mode,
+        )
         if split is not None:
             return build_eval_loader(split=split, **kwargs)
         return build_train_loader(epoch=epoch, **kwargs)

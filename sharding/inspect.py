@@ -1,21 +1,19 @@
-"""``samadapt inspect``: what a shard set holds, and a picture to check it before training.
+"""What a shard set holds, and a picture to check it before training (``samadapt inspect``).
 
-    samadapt inspect OUTPUT [--sheet PNG] [--samples N] [--no-sheet] [--verify]
-
-Prints the manifest totals and the summary (samples per split / dataset / modality, masks per
-class, empty slices kept and dropped, rejections by reason), then draws a contact sheet: a grid
-of N samples, each mask blended in its own colour with its outline, its class name written at
-the mask's most interior pixel, and the sample key above each tile. Samples are taken from
-evenly spaced shards of the manifest, preferring samples that have masks. ``--verify`` first
-re-hashes every shard against the manifest (size and sha256) and exits 1 naming each bad one.
+``format_report`` gives the manifest totals and the summary (samples per split / dataset /
+modality, masks per class, empty slices kept and dropped, rejections by reason);
+``write_contact_sheet`` draws a grid of N samples, each mask blended in its own colour with its
+outline, its class name written at the mask's most interior pixel, and the sample key above each
+tile. Samples are taken from evenly spaced shards of the manifest, preferring samples that have
+masks. The command (``samadapt inspect OUTPUT [--sheet PNG] [--samples N] [--no-sheet]
+[--verify]``) is parsed in ``samadapt/cli.py``; ``--verify`` first re-hashes every shard against
+the manifest (``sharding.manifest.verify_shards``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +22,15 @@ import cv2
 import numpy as np
 
 from sharding.format import IMAGE_EXT, MASKS_EXT, META_EXT, decode_image, decode_masks
-from sharding.manifest import load_manifest, load_summary, verify_shards
 
-__all__ = ["cli", "contact_sheet", "format_report", "iter_samples", "pick_samples", "render_tile"]
+__all__ = [
+    "contact_sheet",
+    "format_report",
+    "iter_samples",
+    "pick_samples",
+    "render_tile",
+    "write_contact_sheet",
+]
 
 _TILE = 256
 _LABEL_H = 18
@@ -212,49 +216,26 @@ def format_report(output: str | Path, manifest: dict, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def cli(argv: list[str]) -> int:
-    """Entry point of ``samadapt inspect`` (see the module docstring)."""
-    p = argparse.ArgumentParser(prog="samadapt inspect", description=__doc__.split("\n")[0])
-    p.add_argument("output", help="output folder of samadapt shard")
-    p.add_argument("--sheet", default=None, help="contact sheet PNG (default OUTPUT/sheet.png)")
-    p.add_argument("--samples", type=int, default=16, help="samples on the sheet")
-    p.add_argument("--no-sheet", action="store_true", help="only print the summary")
-    p.add_argument(
-        "--verify", action="store_true", help="check every shard's size and sha256 first"
-    )
-    args = p.parse_args(argv)
-    try:
-        manifest = load_manifest(args.output)
-        summary = load_summary(args.output)
-    except (OSError, ValueError) as err:
-        print(f"samadapt inspect: {err}", file=sys.stderr)
-        return 2
-    print(format_report(args.output, manifest, summary))
-    if args.verify:
-        bad = verify_shards(args.output)
-        for line in bad:
-            print(f"samadapt inspect: damaged shard {line}", file=sys.stderr)
-        if bad:
-            print(f"samadapt inspect: {len(bad)} of {len(manifest['shards'])} shards fail the "
-                  "manifest check", file=sys.stderr)  # fmt: skip
-            return 1
-        print(f"verified: {len(manifest['shards'])} shards match the manifest (size, sha256)")
-    if args.no_sheet:
+def write_contact_sheet(output: str | Path, manifest: dict, *, samples: int, path: Path) -> int:
+    """Draw ``samples`` samples of the shard set at ``output`` as a PNG contact sheet.
+
+    Arguments:
+      output: the output folder of ``samadapt shard``.
+      manifest: its manifest (``sharding.manifest.load_manifest``).
+      samples: at most this many samples on the sheet (>= 1).
+      path: the PNG to write (its folder is created).
+
+    Returns:
+      The number of samples drawn; 0 (and no file) when the shard set is empty. Raises
+      ``OSError`` when the PNG cannot be encoded.
+    """
+    picked = pick_samples(output, manifest, samples)
+    if not picked:
         return 0
-    if args.samples < 1:
-        print("samadapt inspect: --samples must be >= 1", file=sys.stderr)
-        return 2
-    samples = pick_samples(args.output, manifest, args.samples)
-    if not samples:
-        print("no samples to draw (the shard set is empty)")
-        return 0
-    sheet_path = Path(args.sheet) if args.sheet else Path(args.output) / "sheet.png"
-    sheet = contact_sheet(samples)
+    sheet = contact_sheet(picked)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     if not ok:
-        print(f"samadapt inspect: cannot encode {sheet_path}", file=sys.stderr)
-        return 1
-    sheet_path.parent.mkdir(parents=True, exist_ok=True)
-    sheet_path.write_bytes(buf.tobytes())
-    print(f"contact sheet of {len(samples)} samples: {sheet_path}")
-    return 0
+        raise OSError(f"cannot encode {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.tobytes())
+    return len(picked)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.config import ShardingConfig
+from sharding.config import ShardingConfig
 
 __all__ = ["is_ct", "percentile_bounds", "percentile_to_uint8", "to_uint8", "window_to_uint8"]
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import ShardingConfig
+from sharding.config import ShardingConfig
 from sharding.format import FORMAT_VERSION, SPLITS, shard_name
 from sharding.manifest import atomic_write_text
 from sharding.records import Unit

@@ -1,13 +1,11 @@
-"""``samadapt shard``: plan, write the shards in parallel, and finalize when all are complete.
+"""``samadapt shard``'s library: plan, write the shards in parallel, and finalize when all are
+complete (``run_shard``; the command line is parsed in ``samadapt/cli.py``).
 
-    samadapt shard --format {sa-med2d,nifti,dicom,folder} INPUT OUTPUT [key=value ...]
-                   [--config YAML] [--workers N] [--shard-range i:j] [--no-progress]
-
-Overrides are keys of the ``sharding`` section, written ``sharding.image_size=64`` or just
-``image_size=64``. The run is resumable: complete shards (those with a sidecar) are skipped, so
-rerunning the same command after a crash or a kill finishes the job and gives the same bytes as
-an uninterrupted run. ``--shard-range i:j`` (half-open, over the global shard numbering of
-plan.json) writes one slice of the shards, e.g. one task of a Slurm job array:
+The run is resumable: complete shards (those with a sidecar) are skipped, so rerunning the same
+command after a crash or a kill finishes the job and gives the same bytes as an uninterrupted
+run. ``shard_range=(i, j)`` (half-open, over the global shard numbering of plan.json; on the
+command line ``--shard-range i:j``) writes one slice of the shards, e.g. one task of a Slurm job
+array:
 
     samadapt shard ... --shard-range $((SLURM_ARRAY_TASK_ID*10)):$(((SLURM_ARRAY_TASK_ID+1)*10))
 
@@ -17,7 +15,6 @@ writes manifest.json, summary.json, rejected.jsonl and indexes the Zarr volumes.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import logging
 import multiprocessing
@@ -27,23 +24,22 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, ShardingConfig, load_config
+from sharding.config import ShardingConfig
 from sharding.format import SPLITS
-from sharding.manifest import REJECTED_FILE, finalize
-from sharding.plan import Plan, PlanMismatch, ShardSpec, load_or_create_plan, split_of
+from sharding.manifest import finalize
+from sharding.plan import Plan, ShardSpec, load_or_create_plan, split_of
 from sharding.readers import FORMATS, get_reader
 from sharding.records import Reader, RejectedInput
 from sharding.volumes import finalize_volumes
-from sharding.writer import ShardError, estimate_unit_bytes, read_sidecar, write_shard
+from sharding.writer import estimate_unit_bytes, read_sidecar, write_shard
 
-__all__ = ["RunResult", "cli", "parse_range", "run_shard", "sharding_overrides"]
+__all__ = ["RunResult", "run_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -62,61 +58,6 @@ class RunResult:
     """Shards of the plan complete after this call."""
     manifest: dict | None
     """The manifest when the whole plan is complete (finalized), else None."""
-
-
-# --------------------------------------------------------------------------------------------
-# Arguments
-# --------------------------------------------------------------------------------------------
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    """``"i:j"`` -> (i, j), half-open; either side may be empty (0 / no limit)."""
-    if ":" not in text:
-        raise ValueError(f"--shard-range must be i:j (half-open), got {text!r}")
-    lo_s, hi_s = text.split(":", 1)
-    try:
-        lo = int(lo_s) if lo_s.strip() else 0
-        hi = int(hi_s) if hi_s.strip() else sys.maxsize
-    except ValueError:
-        raise ValueError(f"--shard-range must be two integers i:j, got {text!r}") from None
-    if lo < 0 or hi < lo:
-        raise ValueError(f"--shard-range needs 0 <= i <= j, got {text!r}")
-    return lo, hi
-
-
-def sharding_overrides(items: list[str]) -> list[str]:
-    """``x=1`` -> ``sharding.x=1``; ``sharding.x=1`` kept; other sections refused."""
-    out = []
-    for item in items:
-        key = item.split("=", 1)[0]
-        if "=" not in item:
-            raise ConfigError(f"command line: override {item!r} is not of the form key=value")
-        if key.startswith("sharding."):
-            out.append(item)
-        elif "." in key:
-            raise ConfigError(
-                f"command line: {key}: samadapt shard only takes sharding.* keys "
-                "(write sharding.KEY=VALUE or KEY=VALUE)"
-            )
-        else:
-            out.append(f"sharding.{item}")
-    return out
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="samadapt shard",
-        description="Corpus -> WebDataset tar shards (+ Zarr v3 volumes for 3D inputs).",
-    )
-    p.add_argument("--format", required=True, choices=FORMATS, help="input layout")
-    p.add_argument("input", help="corpus root folder")
-    p.add_argument("output", help="output folder (created; reruns resume it)")
-    p.add_argument("overrides", nargs="*", help="sharding.KEY=VALUE or KEY=VALUE")
-    p.add_argument("--config", default=None, help="YAML config (its sharding section is used)")
-    p.add_argument("--workers", type=int, default=None, help="processes (0 = all cores)")
-    p.add_argument("--shard-range", default=None, help="i:j, half-open, global shard indices")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    return p
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +207,8 @@ def run_shard(
       progress: show a tqdm bar on stderr.
 
     Returns:
-      A ``RunResult``. Raises ``ValueError`` (bad input / plan mismatch) or ``ShardError``.
+      A ``RunResult``. Raises ``ValueError`` (bad input), ``PlanMismatch`` (OUTPUT holds another
+      plan), ``ShardError``, or ``BrokenProcessPool`` (a worker process died).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
@@ -315,50 +257,3 @@ def run_shard(
     complete = sum(spec.sidecar_path(output).exists() for spec in plan.shards)
     manifest = _finalize(output, plan) if complete == len(plan.shards) else None
     return RunResult(len(plan.shards), len(todo), complete, manifest)
-
-
-def cli(argv: list[str]) -> int:
-    """Entry point of ``samadapt shard`` (see the module docstring)."""
-    args = _parser().parse_intermixed_args(argv)
-    try:
-        shard_range = parse_range(args.shard_range) if args.shard_range else None
-        cfg = load_config(args.config, sharding_overrides(args.overrides)).sharding
-        if args.workers is not None and args.workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {args.workers}")
-        result = run_shard(
-            args.format,
-            args.input,
-            args.output,
-            cfg=cfg,
-            workers=args.workers,
-            shard_range=shard_range,
-            progress=not args.no_progress,
-        )
-    except ConfigError as err:
-        print(f"samadapt shard: config error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, PlanMismatch) as err:
-        print(f"samadapt shard: {err}", file=sys.stderr)
-        return 2
-    except ShardError as err:
-        print(f"samadapt shard: {err}", file=sys.stderr)
-        return 1
-    except BrokenProcessPool as err:
-        print(
-            f"samadapt shard: a worker process died ({err}); out of memory? Complete shards are "
-            "kept: rerun (maybe with fewer --workers) to finish",
-            file=sys.stderr,
-        )
-        return 1
-    if result.manifest is None:
-        print(
-            f"wrote {result.written} shards; {result.complete} of {result.planned} shards of the "
-            f"plan are complete (manifest.json is written when all are)"
-        )
-        return 0
-    totals = result.manifest["totals"]
-    print(
-        f"{totals['samples']} samples in {totals['shards']} shards, {totals['rejected']} rejected "
-        f"(see {Path(args.output) / REJECTED_FILE})"
-    )
-    return 0

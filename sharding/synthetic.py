@@ -5,17 +5,17 @@ arguments always write the same files. ``synthetic_volume`` and ``synthetic_imag
 ground truth a reader must return (for volumes: the canonical (Z, Y, X) image and label, which the
 writers store in a non-canonical orientation).
 
-Command line::
+``write_corpus`` writes one in a named layout; on the command line (``samadapt/synthetic.py``)::
 
-    python -m sharding.synthetic --format sa-med2d OUT [--cases N] [--slices K] [--size S]
+    python -m samadapt.synthetic --format sa-med2d OUT [--cases N] [--slices K] [--size S]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -445,99 +445,103 @@ def _write_dicom_case(
         data = np.ascontiguousarray(stored_lab.transpose(2, 1, 0))
         nib.save(nib.Nifti1Image(data, affine_crk), str(folder / "label.nii.gz"))
     elif label_kind == "seg":
-        frames, groups = [], []
-        for number in sorted(VOLUME_LABELS):
-            for k in range(depth):
-                frame = stored_lab[k] == number
-                if not frame.any():
-                    continue
-                frames.append(frame)
-                group = Dataset()
-                ident = Dataset()
-                ident.ReferencedSegmentNumber = number
-                group.SegmentIdentificationSequence = Sequence([ident])
-                pos = Dataset()
-                pos.ImagePositionPatient = ipp(k)
-                group.PlanePositionSequence = Sequence([pos])
-                groups.append(group)
-        instance = generate_uid(entropy_srcs=[*uid_base, "seg"])
-        seg = _dicom_base(uid_base, SegmentationStorage, instance)
-        seg.Modality = "SEG"
-        seg.SeriesInstanceUID = generate_uid(entropy_srcs=[*uid_base, "seg-series"])
-        seg.SegmentationType = "BINARY"
-        seg.Rows, seg.Columns = height, width
-        seg.BitsAllocated, seg.BitsStored, seg.HighBit = 1, 1, 0
-        seg.NumberOfFrames = len(frames)
-        segments = []
-        for number, name in sorted(VOLUME_LABELS.items()):
-            item = Dataset()
-            item.SegmentNumber = number
-            item.SegmentLabel = name
-            item.SegmentAlgorithmType = "MANUAL"
-            segments.append(item)
-        seg.SegmentSequence = Sequence(segments)
-        shared, orient, measures = Dataset(), Dataset(), Dataset()
-        orient.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        measures.PixelSpacing = [_ds(sy), _ds(sx)]
-        measures.SliceThickness = _ds(sz)
-        shared.PlaneOrientationSequence = Sequence([orient])
-        shared.PixelMeasuresSequence = Sequence([measures])
-        seg.SharedFunctionalGroupsSequence = Sequence([shared])
-        seg.PerFrameFunctionalGroupsSequence = Sequence(groups)
-        packed = np.packbits(np.stack(frames).reshape(-1), bitorder="little").tobytes()
-        seg.PixelData = packed + (b"\0" if len(packed) % 2 else b"")
-        seg.save_as(str(folder / "seg.dcm"), enforce_file_format=True)
+        _write_dicom_seg(folder / "seg.dcm", label=stored_lab, ipp=ipp, uid_base=uid_base)
+
+def _write_dicom_seg(
+    path: Path,
+    *,
+    label: np.ndarray,
+    ipp: Callable[[int], list[str]],
+    uid_base: list[str],
+) -> None:
+    """A binary DICOM SEG of ``label`` (stored (k, row, col) order): one frame per segment and
+    slice with foreground, positioned by ``ipp(k)``."""
+    depth, height, width = label.shape
+    sz, sy, sx = _SPACING
+    frames, groups = [], []
+    for number in sorted(VOLUME_LABELS):
+        for k in range(depth):
+            frame = label[k] == number
+            if not frame.any():
+                continue
+            frames.append(frame)
+            group = Dataset()
+            ident = Dataset()
+            ident.ReferencedSegmentNumber = number
+            group.SegmentIdentificationSequence = Sequence([ident])
+            pos = Dataset()
+            pos.ImagePositionPatient = ipp(k)
+            group.PlanePositionSequence = Sequence([pos])
+            groups.append(group)
+    instance = generate_uid(entropy_srcs=[*uid_base, "seg"])
+    seg = _dicom_base(uid_base, SegmentationStorage, instance)
+    seg.Modality = "SEG"
+    seg.SeriesInstanceUID = generate_uid(entropy_srcs=[*uid_base, "seg-series"])
+    seg.SegmentationType = "BINARY"
+    seg.Rows, seg.Columns = height, width
+    seg.BitsAllocated, seg.BitsStored, seg.HighBit = 1, 1, 0
+    seg.NumberOfFrames = len(frames)
+    segments = []
+    for number, name in sorted(VOLUME_LABELS.items()):
+        item = Dataset()
+        item.SegmentNumber = number
+        item.SegmentLabel = name
+        item.SegmentAlgorithmType = "MANUAL"
+        segments.append(item)
+    seg.SegmentSequence = Sequence(segments)
+    shared, orient, measures = Dataset(), Dataset(), Dataset()
+    orient.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    measures.PixelSpacing = [_ds(sy), _ds(sx)]
+    measures.SliceThickness = _ds(sz)
+    shared.PlaneOrientationSequence = Sequence([orient])
+    shared.PixelMeasuresSequence = Sequence([measures])
+    seg.SharedFunctionalGroupsSequence = Sequence([shared])
+    seg.PerFrameFunctionalGroupsSequence = Sequence(groups)
+    packed = np.packbits(np.stack(frames).reshape(-1), bitorder="little").tobytes()
+    seg.PixelData = packed + (b"\0" if len(packed) % 2 else b"")
+    seg.save_as(str(path), enforce_file_format=True)
 
 
-# ------------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------------------ by name
 
-_WRITERS = ("sa-med2d", "nifti", "dicom", "folder")
+WRITERS = ("sa-med2d", "nifti", "dicom", "folder")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m sharding.synthetic --format FMT OUT [--cases N] [--slices K] [--size S]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m sharding.synthetic", description="Write a small synthetic corpus."
-    )
-    parser.add_argument("out", type=Path, help="output folder (replaced when --force)")
-    parser.add_argument("--format", choices=_WRITERS, default="sa-med2d")
-    parser.add_argument("--cases", type=int, default=8, help="cases (default 8)")
-    parser.add_argument("--slices", type=int, default=4, help="2D images per case (default 4)")
-    parser.add_argument("--size", type=int, default=256, help="2D image side (default 256)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="delete OUT first if it exists")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.cases < 1 or args.slices < 1 or args.size < 16:
-        parser.error("--cases and --slices must be >= 1 and --size >= 16")
-    if args.out.exists() and any(args.out.iterdir()):
-        if not args.force:
-            log.info("%s exists and is not empty; leaving it as is (use --force)", args.out)
-            return 0
-        shutil.rmtree(args.out)
-    if args.format == "sa-med2d":
-        write_sa_med2d(
-            args.out,
-            n_cases=args.cases,
-            slices_per_case=args.slices,
-            size=args.size,
-            seed=args.seed,
-        )
-    elif args.format == "folder":
-        write_folder(
-            args.out,
-            n_cases=args.cases,
-            slices_per_case=args.slices,
-            size=(args.size, args.size),
-            seed=args.seed,
-        )
-    elif args.format == "nifti":
-        write_nifti(args.out, n_cases=args.cases, seed=args.seed)
+def write_corpus(
+    out: Path,
+    *,
+    fmt: str = "sa-med2d",
+    cases: int = 8,
+    slices: int = 4,
+    size: int = 256,
+    seed: int = 0,
+    force: bool = False,
+) -> bool:
+    """Write a synthetic corpus in layout ``fmt`` (one of ``WRITERS``) to ``out``.
+
+    Arguments:
+      out: the corpus folder.
+      cases: cases; slices: 2D images per case and size: their side (sa-med2d and folder; the
+        3D layouts have a fixed shape).
+      force: replace a non-empty ``out``; without it a non-empty ``out`` is left as it is.
+
+    Returns:
+      True when the corpus was written, False when a non-empty ``out`` was kept.
+    """
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            log.info("%s exists and is not empty; leaving it as is (use --force)", out)
+            return False
+        shutil.rmtree(out)
+    if fmt == "sa-med2d":
+        write_sa_med2d(out, n_cases=cases, slices_per_case=slices, size=size, seed=seed)
+    elif fmt == "folder":
+        write_folder(out, n_cases=cases, slices_per_case=slices, size=(size, size), seed=seed)
+    elif fmt == "nifti":
+        write_nifti(out, n_cases=cases, seed=seed)
+    elif fmt == "dicom":
+        write_dicom(out, n_cases=cases, seed=seed)
     else:
-        write_dicom(args.out, n_cases=args.cases, seed=args.seed)
-    log.info("wrote a synthetic %s corpus to %s", args.format, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        raise ValueError(f"unknown format {fmt!r} (known: {', '.join(WRITERS)})")
+    log.info("wrote a synthetic %s corpus to %s", fmt, out)
+    return True

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 
-from pipeline.config import ShardingConfig
+from sharding.config import ShardingConfig
 from sharding.intensity import to_uint8
 from sharding.records import Slice2D, Volume
 

@@ -37,7 +37,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from pipeline.config import ShardingConfig
+from sharding.config import ShardingConfig
 from sharding.intensity import is_ct, percentile_bounds
 from sharding.records import Volume
 

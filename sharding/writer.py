@@ -30,7 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.config import ShardingConfig
+from sharding.config import ShardingConfig
 from sharding.format import (
     FORMAT_VERSION,
     IMAGE_EXT,

@@ -21,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 from test_engine import BATCH, PLAN, WORLD, groups, make_toy, spawn_env, train_cfg
 
+from configtree import ConfigError
 from pipeline.checkpoint import (
     COMPLETE,
     CheckpointError,
@@ -33,7 +34,6 @@ from pipeline.checkpoint import (
     save_checkpoint,
     should_stop,
 )
-from pipeline.config import ConfigError
 from pipeline.distributed import barrier, free_port
 from pipeline.engine import build_engine
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, flatten, from_dict, load_config, save_config, to_dict
+from configtree import ConfigError, flatten, save_config, to_dict
+from samadapt.config import from_dict, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -14,7 +15,9 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_preset_loads(path):
     cfg = load_config(path)
-    assert cfg.data.image_size == cfg.model.image_size
+    # the input size and the stack depth are set once, in the model section
+    assert "image_size" not in to_dict(cfg)["data"] and "slices" not in to_dict(cfg)["data"]
+    assert cfg.model.image_size % 16 == 0 and cfg.model.slices % 2 == 1
 
 
 def test_presets_derive_not_copy():
@@ -49,7 +52,8 @@ def test_round_trip(tmp_path):
         ("model.head=unet", "model.head must be one of"),
         ("model.peft=[lora, lora]", "model.peft lists a method twice"),
         ("sharding.val_fraction=1.5", "sharding.val_fraction must be in [0, 1], got 1.5"),
-        ("data.image_size=512", "data.image_size (512) must equal model.image_size"),
+        ("data.image_size=512", "command line: unknown key 'data.image_size'"),
+        ("data.slices=3", "command line: unknown key 'data.slices'"),
         ("train", "is not of the form key=value"),
         ("eval.prompts=[foo]", "command line: eval.prompts unknown prompt kind 'foo'"),
         ("eval.prompts=[]", "eval.prompts must name at least one prompt kind"),
@@ -96,7 +100,6 @@ def test_error_names_the_file(tmp_path):
         ["launch.mem_gb=0", "launch.gpus_per_node=0", "launch.cpus_per_task=1"],
         [
             "model.slices=3",
-            "data.slices=3",
             "data.volumes=v.zarr",
             "model.head=auto",
             "train.mode=semantic",
@@ -121,16 +124,6 @@ COMBINATIONS = [
         "command line: train.mode=semantic needs a prompt-free head: model.head=auto|cnn|linear",
     ),
     (
-        [
-            "data.volumes=v.zarr",
-            "data.slices=3",
-            "model.slices=1",
-            "train.mode=semantic",
-            "model.head=auto",
-        ],
-        "command line: data.slices=3 must equal model.slices=1",
-    ),
-    (
         ["eval.clicks=3", "data.point_num=2"],
         "command line: eval.clicks=3 needs data.point_num >= 3",
     ),
@@ -143,7 +136,7 @@ COMBINATIONS = [
         "command line: data.volumes (3D slice stacks) feeds prompt-free training",
     ),
 ]
-COMBINATION_IDS = ["head", "mode", "slices", "clicks", "accum", "volumes"]
+COMBINATION_IDS = ["head", "mode", "clicks", "accum", "volumes"]
 
 
 @pytest.mark.parametrize("overrides, message", COMBINATIONS, ids=COMBINATION_IDS)
@@ -159,7 +152,7 @@ def test_impossible_combinations_fail_at_load(overrides, message):
 def test_commands_that_never_train_reject_combinations(
     tmp_path, capsys, command, overrides, message
 ):
-    from pipeline.cli import main
+    from samadapt.cli import main
 
     config = str(CONFIGS[0].parent / "debug.yaml")
     args = [config, *overrides]
@@ -178,3 +171,52 @@ def test_combination_error_names_the_file(tmp_path):
     bad.write_text("eval:\n  clicks: 0\n")
     with pytest.raises(ConfigError, match=f"^{bad}: eval.clicks must be >= 1"):
         load_config(bad)
+
+
+def test_sharding_config_errors_through_samadapt_shard(tmp_path, capsys):
+    """The sharding section is sharding's; its errors still end `samadapt shard` with one line."""
+    from samadapt.cli import main
+
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    args = ["--format", "nifti", str(corpus), str(tmp_path / "out"), "--config"]
+    args += [str(CONFIGS[0].parent / "debug.yaml"), "sharding.val_fraction=1.5"]
+    assert main(["shard", *args]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "samadapt shard: config error: command line: sharding.val_fraction must be in [0, 1], "
+        "got 1.5" in err
+    )
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_sections_build_on_their_own():
+    """Each package's section builds with configtree alone and names its full key."""
+    from configtree import from_dict as build_section
+    from launch.config import LaunchConfig
+    from pipeline.model.config import ModelConfig
+    from sharding.config import ShardingConfig
+
+    assert build_section(ShardingConfig, {"image_size": 64}).image_size == 64
+    with pytest.raises(ConfigError, match=r"^defaults: launch\.ranks must be >= 1$"):
+        build_section(LaunchConfig, {"ranks": 0}, prefix="launch.")
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.nope'"):
+        build_section(ModelConfig, {"nope": 1}, prefix="model.")
+
+
+def test_saved_run_config_holds_every_section(tmp_path):
+    """config.yaml keeps the sharding and launch sections; the library's part rebuilds alone."""
+    import yaml
+
+    from configtree import from_dict as build_section
+    from pipeline.config import PipelineConfig
+
+    cfg = load_config(CONFIGS[0].parent / "debug.yaml", ["launch.ranks=2", "model.slices=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    sections = {"sharding", "data", "model", "train", "eval", "launch", "tracking"}
+    assert set(saved) == {"run_dir", "seed", *sections} and saved["launch"]["ranks"] == 2
+    mine = {k: v for k, v in saved.items() if k not in ("sharding", "launch")}
+    assert to_dict(build_section(PipelineConfig, mine)) == mine
+    with pytest.raises(ConfigError, match="unknown key 'sharding'"):
+        build_section(PipelineConfig, saved)

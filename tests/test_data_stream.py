@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from shardkit import write_shards  # noqa: E402
 
-from pipeline.config import ConfigError, DataConfig  # noqa: E402
+from configtree import ConfigError  # noqa: E402
+from pipeline.config import DataConfig  # noqa: E402
 from pipeline.data.collate import label_map  # noqa: E402
 from pipeline.data.samples import SampleError, decode  # noqa: E402
 from pipeline.data.stream import (  # noqa: E402
@@ -41,7 +42,6 @@ def shards(tmp_path_factory):
 def _cfg(out: Path, **kw) -> DataConfig:
     base = dict(
         shards=str(out),
-        image_size=S,
         batch_size=3,
         num_workers=2,
         shuffle_buffer=6,
@@ -51,6 +51,16 @@ def _cfg(out: Path, **kw) -> DataConfig:
     )
     base.update(kw)
     return DataConfig(**base)
+
+
+def train_loader(*, cfg: DataConfig, **kw):
+    """The train loader at the shards' image size S (``model.image_size`` in a run)."""
+    return build_train_loader(cfg=cfg, image_size=S, **kw)
+
+
+def eval_loader(*, cfg: DataConfig, **kw):
+    """The eval loader at the shards' image size S."""
+    return build_eval_loader(cfg=cfg, image_size=S, **kw)
 
 
 def _keys(batches, padding: bool | None = None) -> list[str]:
@@ -74,7 +84,7 @@ def test_decode_round_trip_pixel_exact(shards):
     out, written = shards
     cfg = _cfg(out, num_workers=0, batch_size=4)
     seen = 0
-    for batch in build_eval_loader(cfg=cfg, rank=0, world_size=1, split="train"):
+    for batch in eval_loader(cfg=cfg, rank=0, world_size=1, split="train"):
         for i, key in enumerate(batch["keys"]):
             w = written[key]
             image = w.image if w.image.ndim == 3 else np.repeat(w.image[..., None], 3, axis=2)
@@ -93,7 +103,7 @@ def test_semantic_label_map(shards):
     out, written = shards
     cfg = _cfg(out, num_workers=0, batch_size=5)
     n_seen = 0
-    for batch in build_eval_loader(cfg=cfg, rank=0, world_size=1, split="val", mode="semantic"):
+    for batch in eval_loader(cfg=cfg, rank=0, world_size=1, split="val", mode="semantic"):
         assert batch["label"].dtype == torch.int64 and batch["label"].shape[1:] == (S, S)
         for i, key in enumerate(batch["keys"]):
             w = written[key]
@@ -113,13 +123,13 @@ def test_eval_every_sample_once_two_ranks_two_workers(shards):
     out, written = shards
     cfg = _cfg(out)
     per_rank = [
-        list(build_eval_loader(cfg=cfg, rank=r, world_size=2, split="train")) for r in range(2)
+        list(eval_loader(cfg=cfg, rank=r, world_size=2, split="train")) for r in range(2)
     ]
     keys = _keys(per_rank[0]) + _keys(per_rank[1])
     assert Counter(keys) == Counter(_split_keys(written, "train"))
     assert set(_keys(per_rank[0])).isdisjoint(_keys(per_rank[1]))
     # the same order every time (no shuffling), partial batches allowed
-    again = list(build_eval_loader(cfg=cfg, rank=0, world_size=2, split="train"))
+    again = list(eval_loader(cfg=cfg, rank=0, world_size=2, split="train"))
     assert _keys(again) == _keys(per_rank[0])
     assert any(len(b["keys"]) < cfg.batch_size for b in per_rank[0] + per_rank[1])
 
@@ -132,7 +142,7 @@ def test_eval_every_sample_once_two_ranks_two_workers(shards):
         }
 
     single = points(
-        build_eval_loader(cfg=_cfg(out, num_workers=0), rank=0, world_size=1, split="train")
+        eval_loader(cfg=_cfg(out, num_workers=0), rank=0, world_size=1, split="train")
     )
     double = points(per_rank[0] + per_rank[1])
     assert all(torch.equal(single[k], double[k]) for k in single)
@@ -143,7 +153,7 @@ def test_train_exactly_once_per_epoch(shards):
     cfg = _cfg(out)
     for epoch in (0, 1):
         batches = [
-            list(build_train_loader(cfg=cfg, rank=r, world_size=2, epoch=epoch, equalize=False))
+            list(train_loader(cfg=cfg, rank=r, world_size=2, epoch=epoch, equalize=False))
             for r in range(2)
         ]
         keys = _keys(batches[0]) + _keys(batches[1])
@@ -158,8 +168,9 @@ def test_train_equal_batches_per_rank(shards):
     cfg = _cfg(out)
     batches = []
     for rank in range(2):
-        loader = build_train_loader(cfg=cfg, rank=rank, world_size=2, epoch=3)
-        assert loader.steps_per_epoch == steps_per_epoch(cfg=cfg, world_size=2, epoch=3)
+        loader = train_loader(cfg=cfg, rank=rank, world_size=2, epoch=3)
+        expected = steps_per_epoch(cfg=cfg, image_size=S, world_size=2, epoch=3)
+        assert loader.steps_per_epoch == expected
         got = list(loader)
         assert len(got) == loader.steps_per_epoch
         assert all(len(b["keys"]) == cfg.batch_size for b in got)
@@ -170,9 +181,9 @@ def test_train_equal_batches_per_rank(shards):
     assert len(_keys(batches[0], padding=True)) + len(_keys(batches[1], padding=True)) > 0
 
     resampled = [
-        list(build_train_loader(cfg=cfg, rank=r, world_size=2, resampled=True)) for r in range(2)
+        list(train_loader(cfg=cfg, rank=r, world_size=2, resampled=True)) for r in range(2)
     ]
-    n = steps_per_epoch(cfg=cfg, world_size=2, resampled=True)
+    n = steps_per_epoch(cfg=cfg, image_size=S, world_size=2, resampled=True)
     assert n == -(-sum(TRAIN) // (cfg.batch_size * 2))
     assert [len(r) for r in resampled] == [n, n]
     assert all(len(b["keys"]) == cfg.batch_size for r in resampled for b in r)
@@ -195,24 +206,24 @@ def _fingerprint(batches) -> list:
 def test_deterministic_batches(shards):
     out, _ = shards
     cfg = _cfg(out)
-    first = list(build_train_loader(cfg=cfg, rank=1, world_size=2, epoch=0))
-    second = list(build_train_loader(cfg=cfg, rank=1, world_size=2, epoch=0))
+    first = list(train_loader(cfg=cfg, rank=1, world_size=2, epoch=0))
+    second = list(train_loader(cfg=cfg, rank=1, world_size=2, epoch=0))
     assert _fingerprint(first) == _fingerprint(second)
     for a, b in zip(first, second, strict=True):
         for name in ("image", "masks", "boxes", "point_coords", "point_labels", "class_ids"):
             assert torch.equal(a[name], b[name])
-    loader = build_train_loader(cfg=cfg, rank=1, world_size=2, epoch=0)
+    loader = train_loader(cfg=cfg, rank=1, world_size=2, epoch=0)
     loader.dataset.set_epoch(1)
     other = list(loader)
     assert _keys(other) != _keys(first)
-    reseeded = list(build_train_loader(cfg=_cfg(out, seed=8), rank=1, world_size=2, epoch=0))
+    reseeded = list(train_loader(cfg=_cfg(out, seed=8), rank=1, world_size=2, epoch=0))
     assert _fingerprint(reseeded) != _fingerprint(first)
 
 
 def test_prompts_in_batches_match_masks(shards):
     out, _ = shards
     cfg = _cfg(out, box_jitter=0, num_workers=0)
-    for batch in build_train_loader(cfg=cfg, rank=0, world_size=1):
+    for batch in train_loader(cfg=cfg, rank=0, world_size=1):
         masks = batch["masks"].numpy()
         b, m = masks.shape[:2]
         assert batch["boxes"].shape == (b, m, 4) and batch["point_labels"].shape == (b, m, 2)
@@ -247,13 +258,13 @@ def test_truncated_shard_names_its_path(shards, tmp_path):
     shard.write_bytes(data[: len(data) // 2 + 100])  # cut inside a member
     cfg = _cfg(root)
     with pytest.raises(SampleError, match=str(shard)):
-        build_train_loader(cfg=cfg, rank=0, world_size=1)
+        train_loader(cfg=cfg, rank=0, world_size=1)
     # with the size check passed, the read itself fails and names the shard (from a worker)
     _set_bytes(root, shard)
     for world in (1, 2):
         with pytest.raises(Exception, match=str(shard)):
             for rank in range(world):
-                list(build_eval_loader(cfg=cfg, rank=rank, world_size=world, split="train"))
+                list(eval_loader(cfg=cfg, rank=rank, world_size=world, split="train"))
 
 
 def test_shard_cut_at_member_boundary_is_detected(shards, tmp_path):
@@ -269,7 +280,7 @@ def test_shard_cut_at_member_boundary_is_detected(shards, tmp_path):
     shard.write_bytes(shard.read_bytes()[:cut])
     _set_bytes(root, shard)
     with pytest.raises(Exception, match=f"{shard}.*manifest says 5"):
-        list(build_eval_loader(cfg=_cfg(root, num_workers=0), rank=0, world_size=1))
+        list(eval_loader(cfg=_cfg(root, num_workers=0), rank=0, world_size=1))
 
 
 def test_same_size_damage_fails_the_checksum(shards, tmp_path):
@@ -288,9 +299,9 @@ def test_same_size_damage_fails_the_checksum(shards, tmp_path):
     for workers in (0, 2):
         cfg = _cfg(root, num_workers=workers)
         with pytest.raises(Exception, match=f"shard {shard}: sha256 .* manifest"):
-            list(build_eval_loader(cfg=cfg, rank=0, world_size=1))
+            list(eval_loader(cfg=cfg, rank=0, world_size=1))
     unchecked = _cfg(root, num_workers=0, verify_checksums=False)
-    batches = list(build_eval_loader(cfg=unchecked, rank=0, world_size=1))
+    batches = list(eval_loader(cfg=unchecked, rank=0, world_size=1))
     assert sum(len(b["keys"]) for b in batches) == sum(
         s.samples for s in read_manifest(str(root), split="val", image_size=S)
     )
@@ -298,12 +309,34 @@ def test_same_size_damage_fails_the_checksum(shards, tmp_path):
 
 def test_image_size_mismatch_names_the_key(shards):
     out, _ = shards
-    with pytest.raises(ConfigError, match=r"data\.image_size=64 .*image_size=32.*manifest\.json"):
-        build_train_loader(cfg=_cfg(out, image_size=64), rank=0, world_size=1)
+    with pytest.raises(ConfigError, match=r"model\.image_size=64 .*image_size=32.*manifest\.json"):
+        build_train_loader(cfg=_cfg(out), image_size=64, rank=0, world_size=1)
     with pytest.raises(ConfigError, match="data.shards"):
         read_manifest(str(out / "nowhere"), split="train", image_size=S)
     with pytest.raises(SampleError, match="no shards for split 'test'"):
-        build_eval_loader(cfg=_cfg(out), rank=0, world_size=1, split="test")
+        eval_loader(cfg=_cfg(out), rank=0, world_size=1, split="test")
+
+
+def test_trainer_preflight_checks_the_input_size(shards, tmp_path):
+    """model.image_size is the one input size: `samadapt train` stops on it before any rank."""
+    from pipeline.config import PipelineConfig
+    from pipeline.model.config import ModelConfig
+    from pipeline.trainer import check_config
+
+    out, _ = shards
+
+    def run(size: int) -> PipelineConfig:
+        return PipelineConfig(
+            run_dir=str(tmp_path / "run"), data=_cfg(out), model=ModelConfig(image_size=size)
+        )
+
+    with pytest.raises(ConfigError) as err:
+        check_config(run(64))
+    message = str(err.value)
+    stored = f"does not match image_size=32 of the shards in {out} "
+    assert message.startswith(f"model.image_size=64 {stored}")
+    assert "set model.image_size=32" in message and "\n" not in message
+    check_config(run(S))
 
 
 def test_split_without_masks_fails_instead_of_spinning(tmp_path):
@@ -311,18 +344,18 @@ def test_split_without_masks_fails_instead_of_spinning(tmp_path):
     write_shards(root, splits={"train": [3, 2]}, image_size=S, empty_every=1)
     cfg = _cfg(root, num_workers=0)
     with pytest.raises(SampleError, match="samples in a row without masks"):
-        list(build_train_loader(cfg=cfg, rank=0, world_size=1, resampled=True))
+        list(train_loader(cfg=cfg, rank=0, world_size=1, resampled=True))
     # semantic training keeps them; the exactly-once pass just yields nothing in interactive mode
-    sem = list(build_train_loader(cfg=cfg, rank=0, world_size=1, mode="semantic"))
+    sem = list(train_loader(cfg=cfg, rank=0, world_size=1, mode="semantic"))
     assert len(_keys(sem, padding=False)) == 5 and all(not b["label"].any() for b in sem)
-    assert list(build_train_loader(cfg=cfg, rank=0, world_size=1, equalize=False)) == []
+    assert list(train_loader(cfg=cfg, rank=0, world_size=1, equalize=False)) == []
 
 
 def test_masks_drawn_with_replacement_from_the_sample(shards):
     out, written = shards
     cfg = _cfg(out, mask_num=6)  # more than any sample has: repeats are required
     picked: Counter = Counter()
-    for batch in build_train_loader(cfg=cfg, rank=0, world_size=1, equalize=False):
+    for batch in train_loader(cfg=cfg, rank=0, world_size=1, equalize=False):
         assert batch["masks"].shape[1] == 6 and batch["mask_valid"].all()
         for i, key in enumerate(batch["keys"]):
             w = written[key]
@@ -348,7 +381,7 @@ def test_worker_batches_keep_the_layout_in_one_shared_buffer(shards):
         "class_ids": (torch.int64, (3, 3)),
         "mask_valid": (torch.bool, (3, 3)),
     }
-    batches = list(build_train_loader(cfg=cfg, rank=0, world_size=1))
+    batches = list(train_loader(cfg=cfg, rank=0, world_size=1))
     assert batches
     for batch in batches:
         for name, (dtype, shape) in expected.items():
@@ -367,7 +400,7 @@ def test_format_version_1_shards_are_refused(shards, tmp_path):
     manifest["format_version"] = 1
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SampleError, match=rf"{root / 'manifest.json'}: format_version 1.*reshard"):
-        build_train_loader(cfg=_cfg(root), rank=0, world_size=1)
+        train_loader(cfg=_cfg(root), rank=0, world_size=1)
     # a version-1 sample (PNG image member) inside a current shard set: named, not misread
     sample = {
         "__key__": "toy/case0001/z00001",

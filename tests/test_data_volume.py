@@ -120,7 +120,7 @@ def _expected(case, z: int, d: int, letterbox: bool = False):
 @pytest.mark.parametrize("slices", [1, 3, 5])
 def test_adjacent_slices_match_numpy(store, slices):
     path, cases = store
-    ds = VolumeSliceDataset(path, cfg=DataConfig(image_size=S, slices=slices), split="train")
+    ds = VolumeSliceDataset(path, cfg=DataConfig(), image_size=S, slices=slices, split="train")
     assert len(ds) == 7 + 4
     for i in range(len(ds)):
         item = ds[i]
@@ -134,7 +134,7 @@ def test_adjacent_slices_match_numpy(store, slices):
 
 def test_edge_slices_are_replicated(store):
     path, cases = store
-    ds = VolumeSliceDataset(path, cfg=DataConfig(image_size=S, slices=5), split="train")
+    ds = VolumeSliceDataset(path, cfg=DataConfig(), image_size=S, slices=5, split="train")
     first = ds[0]
     assert (first["case_id"], first["z"]) == ("ct01", 0)
     img = first["image"][:, 0].numpy()
@@ -149,8 +149,10 @@ def test_edge_slices_are_replicated(store):
 
 def test_centre_label_foreground_only_and_unlabelled(store):
     path, cases = store
-    cfg = DataConfig(image_size=S, slices=3, foreground_only=True)
-    ds = VolumeSliceDataset(path, cfg=cfg, split="train", centre_label=True)
+    cfg = DataConfig(foreground_only=True)
+    ds = VolumeSliceDataset(
+        path, cfg=cfg, image_size=S, slices=3, split="train", centre_label=True
+    )
     assert [(c, z) for c, z in ((ds[i]["case_id"], ds[i]["z"]) for i in range(len(ds)))] == [
         ("ct01", 2),
         ("ct01", 3),
@@ -160,14 +162,14 @@ def test_centre_label_foreground_only_and_unlabelled(store):
     item = ds[1]
     assert item["label"].shape == (S, S)
     np.testing.assert_array_equal(item["label"].numpy(), cases["ct01"][1][3].astype(np.int64))
-    val = VolumeSliceDataset(path, cfg=DataConfig(image_size=S), split="val")
+    val = VolumeSliceDataset(path, cfg=DataConfig(), image_size=S, slices=1, split="val")
     assert len(val) == 3 and not val[2]["label"].any()
     np.testing.assert_array_equal(val[2]["image"][0, 1].numpy(), cases["us01"][0][2])
 
 
 def test_loader_with_workers_reads_every_stack_once(store):
     path, cases = store
-    ds = VolumeSliceDataset(path, cfg=DataConfig(image_size=S, slices=3), split="train")
+    ds = VolumeSliceDataset(path, cfg=DataConfig(), image_size=S, slices=3, split="train")
     seen = []
     for rank in range(2):
         loader = build_volume_loader(
@@ -188,23 +190,27 @@ def test_bad_stores_name_the_case(tmp_path):
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     _write_case(root, "c1", np.zeros((2, S, S), np.float32), None, split="train")
     with pytest.raises(SampleError, match=r"bad\.zarr/c1.*intensity"):
-        VolumeSliceDataset(path, cfg=DataConfig(image_size=S), split="train")
+        VolumeSliceDataset(path, cfg=DataConfig(), image_size=S, slices=1, split="train")
     root["c1"].attrs["intensity"] = {"kind": "gamma"}
-    ds = VolumeSliceDataset(path, cfg=DataConfig(image_size=S), split="train")
+    ds = VolumeSliceDataset(path, cfg=DataConfig(), image_size=S, slices=1, split="train")
     with pytest.raises(SampleError, match="c1.*unknown mapping 'gamma'"):
         ds[0]
     with pytest.raises(SampleError, match="no case of split 'test'"):
-        VolumeSliceDataset(path, cfg=DataConfig(image_size=S), split="test")
+        VolumeSliceDataset(path, cfg=DataConfig(), image_size=S, slices=1, split="test")
     with pytest.raises(SampleError, match="nowhere.zarr"):
-        VolumeSliceDataset(tmp_path / "nowhere.zarr", cfg=DataConfig(image_size=S), split="train")
+        VolumeSliceDataset(
+            tmp_path / "nowhere.zarr", cfg=DataConfig(), image_size=S, slices=1, split="train"
+        )
+    with pytest.raises(ValueError, match=r"slices must be odd and >= 1 \(model\.slices\), got 2"):
+        VolumeSliceDataset(path, cfg=DataConfig(), image_size=S, slices=2, split="train")
 
 
 def test_letterbox_follows_the_manifest(store, tmp_path):
     path, cases = store
-    cfg = DataConfig(image_size=S, slices=3)
-    square = VolumeSliceDataset(path, cfg=cfg, split="test")
+    cfg = dict(cfg=DataConfig(), image_size=S, slices=3)
+    square = VolumeSliceDataset(path, **cfg, split="test")
     assert square.resize == "square"  # no manifest next to this store
-    boxed = VolumeSliceDataset(path, cfg=cfg, split="test", resize="letterbox")
+    boxed = VolumeSliceDataset(path, **cfg, split="test", resize="letterbox")
     for ds, letterbox in ((square, False), (boxed, True)):
         for i in range(len(ds)):
             item = ds[i]
@@ -217,7 +223,7 @@ def test_letterbox_follows_the_manifest(store, tmp_path):
     (out / "volumes").mkdir(parents=True)
     shutil.copytree(path, out / "volumes" / "toy.zarr")
     (out / "manifest.json").write_text(json.dumps({"resize": "letterbox"}))
-    auto = VolumeSliceDataset(out / "volumes" / "toy.zarr", cfg=cfg, split="test")
+    auto = VolumeSliceDataset(out / "volumes" / "toy.zarr", **cfg, split="test")
     assert auto.resize == "letterbox" and torch.equal(auto[1]["image"], boxed[1]["image"])
 
 

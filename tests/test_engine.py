@@ -16,10 +16,12 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from pipeline.config import ConfigError, TrainConfig, load_config
+from configtree import ConfigError
+from pipeline.config import TrainConfig
 from pipeline.distributed import DistEnv, dist_env, free_port, init_distributed, setup_logging
 from pipeline.engine import build_engine, deepspeed_config
 from pipeline.optim import PhaseGatedAdamW, build_optimizer, lr_factor
+from samadapt.config import load_config
 
 WORLD = 2
 BATCH = 4

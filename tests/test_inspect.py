@@ -9,12 +9,22 @@ import cv2
 import numpy as np
 import pytest
 
+from samadapt.cli import main
 from sharding import synthetic
-from sharding.inspect import cli, pick_samples, render_tile
+from sharding.inspect import pick_samples, render_tile
 from sharding.manifest import load_manifest
-from sharding.run import cli as shard_cli
 
 TILE, STRIP, GAP = 256, 18, 4
+
+
+def cli(argv: list[str]) -> int:
+    """``samadapt inspect ARGV`` in this process."""
+    return main(["inspect", *argv])
+
+
+def shard_cli(argv: list[str]) -> int:
+    """``samadapt shard ARGV`` in this process."""
+    return main(["shard", *argv])
 
 
 @pytest.fixture(scope="module")

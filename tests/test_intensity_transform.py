@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import sharding.intensity as intensity
-from pipeline.config import ShardingConfig
+from sharding.config import ShardingConfig
 from sharding.intensity import percentile_to_uint8, to_uint8, window_to_uint8
 from sharding.records import Volume
 from sharding.transform import resize_sample, target_shape, volume_slices

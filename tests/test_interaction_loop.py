@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 from conftest import ROOT, SMALL_SIZE
 
-from pipeline.config import load_config
 from pipeline.distributed import DistEnv, free_port, init_distributed
+from samadapt.config import load_config
 
 N_STEPS = 9
 
@@ -77,7 +77,6 @@ def _worker(rank: int, port: int, shards: str, out: str) -> None:
         ROOT / "configs/debug.yaml",
         [
             f"data.shards={shards}",
-            f"data.image_size={SMALL_SIZE}",
             f"model.image_size={SMALL_SIZE}",
             "data.num_workers=0",
             "train.lr=1e-2",
@@ -89,7 +88,9 @@ def _worker(rank: int, port: int, shards: str, out: str) -> None:
     engine = build_engine(
         model=model, param_groups=groups, train=cfg.train, batch_size=cfg.data.batch_size, env=env
     )
-    loader = build_train_loader(cfg=cfg.data, rank=0, world_size=1)
+    loader = build_train_loader(
+        cfg=cfg.data, image_size=cfg.model.image_size, rank=0, world_size=1
+    )
     batch = next(iter(loader))
     records = []
     for seed in range(3):  # three batches: different plans

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from configtree import ConfigError
 from launch import run
+from launch.config import LaunchConfig
 from launch.submit import Task, executor_parameters
-from pipeline.config import ConfigError, LaunchConfig
 
 
 def allreduce_entry(argv: list[str]) -> int:

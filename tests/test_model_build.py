@@ -20,10 +20,12 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from pipeline.cli import main
-from pipeline.config import ConfigError, ModelConfig, load_config
+from configtree import ConfigError
 from pipeline.model import CheckpointError, build_model
 from pipeline.model.build import build_meta_model
+from pipeline.model.config import ModelConfig
+from samadapt.cli import main
+from samadapt.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "debug.yaml")
@@ -356,7 +358,6 @@ def test_large_archs_on_meta_match_meta_sam(arch, capsys):
     """vit_l / vit_h at 1024 px without PEFT have exactly the parameters of Meta's builders
     (308M / 637M image encoder), counted by ``samadapt model-info`` with no memory used."""
     overrides = [f"model.arch={arch}", "model.peft=[]", "model.image_size=1024"]
-    overrides += ["data.image_size=1024"]
     cfg = load_config(BASE, overrides).model
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     model = build_meta_model(cfg=cfg)

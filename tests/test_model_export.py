@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline.cli import main
-from pipeline.config import ModelConfig
 from pipeline.model import CheckpointError, build_model, export_trainable, load_exported
+from pipeline.model.config import ModelConfig
 from pipeline.model.export import read_export
 from pipeline.model.peft import peft_method_of
+from samadapt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -164,7 +164,6 @@ def test_export_errors(tmp_path, base_checkpoint):
 def _write_config(tmp_path, checkpoint: str, **model) -> str:
     cfg = {
         "defaults": [str(ROOT / "configs" / "debug.yaml")],
-        "data": {"image_size": 64},
         # prompt_dim 256: the tiny checkpoint has Meta's layout (debug.yaml shrinks it to 32)
         "model": {
             "image_size": 64,
@@ -181,7 +180,7 @@ def _write_config(tmp_path, checkpoint: str, **model) -> str:
 
 def test_export_cli_from_a_full_state_dict(tmp_path, base_checkpoint, capsys):
     config = _write_config(tmp_path, base_checkpoint, peft=["lora", "msa_adapter"], head="sam")
-    from pipeline.config import load_config
+    from samadapt.config import load_config
 
     cfg = load_config(config).model
     model = build_model(cfg=cfg)
@@ -206,7 +205,7 @@ def test_export_cli_merged_loads_into_stock_sam(tmp_path, base_checkpoint):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_model_build import stock_sam
 
-    from pipeline.config import load_config
+    from samadapt.config import load_config
 
     config = _write_config(tmp_path, base_checkpoint, peft=["lora"], head="sam")
     model = build_model(cfg=load_config(config).model)
@@ -255,8 +254,8 @@ def test_model_info_vit_b_sam_med2d_matches_paper(capsys):
 
 _DEEPSPEED_TRAIN = r"""
 import sys, torch, deepspeed
-from pipeline.config import load_config
 from pipeline.model import build_model
+from samadapt.config import load_config
 config, out = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 model = build_model(cfg=load_config(config).model)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ModelConfig
 from pipeline.model import build_model
+from pipeline.model.config import ModelConfig
 
 TINY = dict(arch="tiny", embed_dim=64, depth=2, num_heads=2, global_attn_indexes=[1])
 METHODS = ["sam_med2d_adapter", "msa_adapter", "lora", "fact", "adapter3d"]

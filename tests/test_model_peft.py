@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig
 from pipeline.model import build_model
+from pipeline.model.config import ModelConfig
 from pipeline.model.peft import peft_method_of
 from pipeline.model.peft.adapters import Med2dAdapter
 

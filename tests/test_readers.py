@@ -13,8 +13,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipeline.config import ShardingConfig
 from sharding import synthetic
+from sharding.config import ShardingConfig
 from sharding.intensity import percentile_to_uint8
 from sharding.readers import FORMATS, get_reader
 from sharding.readers.sa_med2d import mask_class_name, parse_image_stem
@@ -506,12 +506,14 @@ def test_dicom_label_grid_mismatch(dicom_root, tmp_path):
 
 
 def test_synthetic_cli_writes_a_readable_corpus(tmp_path):
+    from samadapt.synthetic import main
+
     out = tmp_path / "quick"
-    assert synthetic.main(["--format", "sa-med2d", str(out), "--cases", "2", "--size", "32"]) == 0
+    assert main(["--format", "sa-med2d", str(out), "--cases", "2", "--size", "32"]) == 0
     units = get_reader("sa-med2d", out, cfg=CFG).list_units()
     assert len(units) == 2 * 4
     before = sorted(p.name for p in (out / "images").iterdir())
-    assert synthetic.main(["--format", "sa-med2d", str(out), "--cases", "1"]) == 0  # kept
+    assert main(["--format", "sa-med2d", str(out), "--cases", "1"]) == 0  # kept
     assert sorted(p.name for p in (out / "images").iterdir()) == before
 
 

@@ -20,7 +20,8 @@ import pytest
 import webdataset as wds
 import zarr
 
-from pipeline.config import load_config
+from samadapt.cli import main
+from samadapt.config import load_config
 from sharding import synthetic
 from sharding.format import (
     FORMAT_VERSION,
@@ -38,12 +39,16 @@ from sharding.manifest import load_manifest, verify_shards
 from sharding.plan import ESTIMATE_UNITS, split_of
 from sharding.readers import get_reader
 from sharding.records import RejectedInput, Volume
-from sharding.run import cli
 from sharding.transform import resize_sample, volume_slices
 from sharding.writer import _keep_empty, estimate_unit_bytes
 
 SIZE = 64
 COMMON = [f"image_size={SIZE}", "val_fraction=0.25", "test_fraction=0.25"]
+
+
+def cli(argv: list[str]) -> int:
+    """``samadapt shard ARGV`` in this process."""
+    return main(["shard", *argv])
 
 
 # ------------------------------------------------------------------------------------ helpers

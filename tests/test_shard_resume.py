@@ -14,10 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from samadapt.cli import main
 from sharding import synthetic
-from sharding.run import cli
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(argv: list[str]) -> int:
+    """``samadapt shard ARGV`` in this process."""
+    return main(["shard", *argv])
 
 
 def make_corpus(fmt: str, root: Path) -> Path:
@@ -37,7 +42,7 @@ def argv(fmt: str, corpus: Path, out: Path, *extra: str, workers: int = 1) -> li
 
 
 def subprocess_cmd(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "shard", *args]
+    return [sys.executable, "-m", "samadapt", "shard", *args]
 
 
 def snapshot(out: Path) -> dict[str, str]:

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import TrackingConfig, flatten, load_config
+from configtree import flatten
+from pipeline.config import TrackingConfig
 from pipeline.tracking import Tracker, default_uri
+from samadapt.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

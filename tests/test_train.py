@@ -22,7 +22,6 @@ def _overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         f"run_dir={run_dir}",
         f"data.shards={shards}",
-        f"data.image_size={SIZE}",
         f"model.image_size={SIZE}",
         "data.num_workers=1",
         "launch.ranks=2",
@@ -33,7 +32,7 @@ def _overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
 def _train(
     shards: Path, run_dir: Path, *extra: str, timeout: float = 400
 ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs/debug.yaml")]
+    cmd = [sys.executable, "-m", "samadapt", "train", str(ROOT / "configs/debug.yaml")]
     cmd += _overrides(shards, run_dir, *extra)
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -99,11 +98,15 @@ def test_interactive_zero3(small_shards, tmp_path):
     assert loss[6] < loss[1], loss
     _check_export(run_dir / "export" / "trainable.pt")
     assert _history(run_dir, "val/dice_point") and not _history(run_dir, "val/dice_box")
-    from pipeline.config import load_config
     from pipeline.data.stream import build_eval_loader
+    from samadapt.config import load_config
 
-    data = load_config(ROOT / "configs/debug.yaml", _overrides(small_shards, run_dir)).data
-    batches = list(build_eval_loader(cfg=data, rank=0, world_size=1, batch_size=1))
+    cfg = load_config(ROOT / "configs/debug.yaml", _overrides(small_shards, run_dir))
+    batches = list(
+        build_eval_loader(
+            cfg=cfg.data, image_size=cfg.model.image_size, rank=0, world_size=1, batch_size=1
+        )
+    )
     per_sample = sorted(int(b["mask_valid"].sum()) for b in batches)
     assert len(per_sample) > 4
     (validated,) = _history(run_dir, "val/masks").values()
@@ -118,7 +121,7 @@ def test_kill_and_resume_continues_exactly(small_shards, tmp_path):
     expected = _history(straight, "loss")
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs/debug.yaml")]
+    cmd = [sys.executable, "-m", "samadapt", "train", str(ROOT / "configs/debug.yaml")]
     cmd += _overrides(small_shards, killed, *args)
     victim = subprocess.Popen(
         cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -166,12 +169,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_shards, tmp_pat
     """A base checkpoint whose frozen weights hold a NaN: the first step on it stops the run."""
     import torch
 
-    from pipeline.config import load_config
     from pipeline.model import build_model
+    from samadapt.config import load_config
 
     cfg = load_config(
         ROOT / "configs/debug.yaml",
-        [f"model.image_size={SIZE}", "model.peft=[]", f"data.image_size={SIZE}"],
+        [f"model.image_size={SIZE}", "model.peft=[]"],
     )
     base = build_model(cfg=cfg.model).state_dict()
     torch.save(base, tmp_path / "good.pth")

@@ -15,13 +15,13 @@ import pytest
 from conftest import ROOT, SMALL_SIZE
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import load_config
+from samadapt.config import load_config
 from sharding.run import run_shard
 from sharding.synthetic import write_nifti
 
 
 def _train(config: str, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", config, f"run_dir={run_dir}", *extra]
+    cmd = [sys.executable, "-m", "samadapt", "train", config, f"run_dir={run_dir}", *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
 
 
@@ -37,7 +37,6 @@ def test_samed_recipe_2d(small_shards, tmp_path):
         str(ROOT / "configs/debug.yaml"),
         run_dir,
         f"data.shards={small_shards}",
-        f"data.image_size={SMALL_SIZE}",
         f"model.image_size={SMALL_SIZE}",
         "model.peft=[lora]",
         "model.head=auto",
@@ -82,9 +81,7 @@ def test_ma_sam_recipe_3d_from_zarr(volumes, tmp_path):
         str(ROOT / "configs/debug.yaml"),
         run_dir,
         f"data.volumes={volumes}",
-        "data.image_size=64",
         "model.image_size=64",
-        "data.slices=3",
         "model.slices=3",
         "model.peft=[fact, adapter3d]",
         "model.fact_rank=8",
@@ -104,7 +101,8 @@ def test_ma_sam_recipe_3d_from_zarr(volumes, tmp_path):
     assert client.get_metric_history(run_id, "val/dice")
 
 
-def test_3d_stack_depth_must_match(volumes, tmp_path):
+def test_3d_stack_depth_is_the_models(volumes, tmp_path):
+    """The stack depth is set once (model.slices): data.slices is no key of the config."""
     proc = _train(
         str(ROOT / "configs/debug.yaml"),
         tmp_path / "r",
@@ -114,7 +112,8 @@ def test_3d_stack_depth_must_match(volumes, tmp_path):
         "model.head=auto",
         "train.mode=semantic",
     )
-    assert proc.returncode == 2 and "data.slices=3 must equal model.slices=1" in proc.stderr
+    assert proc.returncode == 2 and "unknown key 'data.slices'" in proc.stderr
+    assert "samadapt train: config error: command line:" in proc.stderr
 
 
 def test_num_classes_checked_against_the_shards_class_map(small_shards, tmp_path):
@@ -125,7 +124,6 @@ def test_num_classes_checked_against_the_shards_class_map(small_shards, tmp_path
         str(ROOT / "configs/debug.yaml"),
         tmp_path / "r",
         f"data.shards={small_shards}",
-        f"data.image_size={SMALL_SIZE}",
         f"model.image_size={SMALL_SIZE}",
         "model.head=linear",
         f"model.num_classes={top - 1}",

@@ -71,7 +71,7 @@ def decode(sample: dict, *, image_size: int) -> dict:
 
     Arguments:
       sample: WebDataset's dict of raw members (bytes) with ``__key__`` and ``__url__``.
-      image_size: the expected side S of images and masks (``data.image_size``).
+      image_size: the expected side S of images and masks (``model.image_size``).
 
     Returns:
       ``{"key", "image": (3, S, S) uint8, "masks": (N, S, S) uint8, "class_ids": (N,) int64,
@@ -98,7 +98,7 @@ def decode(sample: dict, *, image_size: int) -> dict:
     if image.dtype != np.uint8 or image.shape[:2] != (s, s):
         raise SampleError(
             f"{where}: image is {image.dtype} {image.shape}, expected uint8 ({s}, {s}[, 3]) "
-            f"(data.image_size={s})"
+            f"(model.image_size={s})"
         )
     if masks.shape[1:] != (s, s):
         raise SampleError(f"{where}: masks are {masks.shape}, expected (N, {s}, {s})")

@@ -1,8 +1,8 @@
 """The shard list of a split and its dealing over ranks and workers (pure functions).
 
 ``read_manifest`` reads ``manifest.json`` (the ``sharding/format.py`` contract) and checks it
-against the data section; ``plan_epoch`` deals the shards of one epoch to (rank, worker) slots;
-``steps_per_epoch`` counts the batches every rank's train loader yields (see ``stream.py``).
+against the model's input size; ``plan_epoch`` deals the shards of one epoch to (rank, worker)
+slots; ``steps_per_epoch`` counts the batches every rank's train loader yields (see ``stream.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ConfigError, DataConfig
+from configtree import ConfigError
+from pipeline.config import DataConfig
 from pipeline.data.samples import SampleError
 from sharding.format import FORMAT_VERSION
 
@@ -67,12 +68,12 @@ def read_manifest(
     Arguments:
       root: output folder of ``samadapt shard`` (``data.shards``).
       split: e.g. ``data.train_split``.
-      image_size: ``data.image_size``; must equal the manifest's ``image_size``.
+      image_size: ``model.image_size``; must equal the manifest's ``image_size``.
       check_files: stat every shard: missing, or a size other than the manifest's ``bytes``
         (a truncated copy), is an error naming the shard.
 
     Returns:
-      The split's shards. Raises ``ConfigError`` naming ``data.shards`` / ``data.image_size``, or
+      The split's shards. Raises ``ConfigError`` naming ``data.shards`` / ``model.image_size``, or
       ``SampleError`` naming the manifest or shard path.
     """
     if not root:
@@ -94,8 +95,8 @@ def read_manifest(
         )
     if stored_size != image_size:
         raise ConfigError(
-            f"data.image_size={image_size} does not match image_size={stored_size} of the shards "
-            f"in {path}: set data.image_size={stored_size} (and model.image_size) or reshard"
+            f"model.image_size={image_size} does not match image_size={stored_size} of the shards "
+            f"in {path.parent} ({path}): set model.image_size={stored_size} or reshard"
         )
     shards = []
     for i, entry in enumerate(entries):
@@ -210,6 +211,7 @@ def resampled_batches(total: int, batch_size: int, world_size: int, workers: int
 def steps_per_epoch(
     *,
     cfg: DataConfig,
+    image_size: int,
     world_size: int,
     epoch: int = 0,
     resampled: bool | None = None,
@@ -219,6 +221,7 @@ def steps_per_epoch(
 
     Arguments:
       cfg: the data section (shards, train_split, batch_size, num_workers, seed, resampled).
+      image_size: ``model.image_size``, checked against the manifest when it is read here.
       world_size: number of ranks.
       epoch: the epoch (the dealing of shards, hence the count, depends on it).
       resampled: override ``cfg.resampled``.
@@ -230,7 +233,7 @@ def steps_per_epoch(
     resampled = cfg.resampled if resampled is None else resampled
     if shards is None:
         shards = read_manifest(
-            cfg.shards, split=cfg.train_split, image_size=cfg.image_size, check_files=False
+            cfg.shards, split=cfg.train_split, image_size=image_size, check_files=False
         )
     workers = max(cfg.num_workers, 1)
     if resampled:

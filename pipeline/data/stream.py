@@ -188,6 +188,7 @@ class ShardStream(IterableDataset):
     Arguments:
       shards: the split's shards (``read_manifest``).
       cfg: the data section.
+      image_size: the side S of the images and masks (``model.image_size``).
       rank, world_size: this process's place among the data-parallel ranks.
       epoch: the epoch (``set_epoch`` changes it between iterations).
       train: True = shuffled, masks drawn (``cfg.mask_num``) with jittered boxes; False = manifest
@@ -204,6 +205,7 @@ class ShardStream(IterableDataset):
         shards: list[Shard],
         *,
         cfg: DataConfig,
+        image_size: int,
         rank: int,
         world_size: int,
         epoch: int = 0,
@@ -221,6 +223,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"mode must be 'interactive' or 'semantic', got {mode!r}")
         self.shards = shards
         self.cfg = cfg
+        self.image_size = image_size
         self.rank = rank
         self.world_size = world_size
         self.epoch = epoch
@@ -245,7 +248,7 @@ class ShardStream(IterableDataset):
         if self.train and cfg.shuffle_buffer > 1:
             rng = random.Random(seed_of(*key, SHUFFLE))
             samples = wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_buffer, rng=rng)(samples)
-        decoded = (decode(s, image_size=cfg.image_size) for s in samples)
+        decoded = (decode(s, image_size=self.image_size) for s in samples)
         if self.mode == "semantic":
             return semantic(decoded, keep_empty=self.keep_empty, skipped=skipped)
         return interactive(
@@ -346,6 +349,7 @@ def _loader(dataset: ShardStream, num_workers: int) -> DataLoader:
 def build_train_loader(
     *,
     cfg: DataConfig,
+    image_size: int,
     rank: int,
     world_size: int,
     epoch: int = 0,
@@ -358,6 +362,7 @@ def build_train_loader(
 
     Arguments:
       cfg: the data section.
+      image_size: ``model.image_size``; must equal the shards' (checked against manifest.json).
       rank, world_size: data-parallel rank and number of ranks (passed in, never read from the
         environment).
       epoch: seeds the shard order, buffers and picks; or call ``loader.dataset.set_epoch(e)``.
@@ -372,10 +377,11 @@ def build_train_loader(
       ``set_epoch`` ask ``steps_per_epoch()`` again: the dealing of shards changes per epoch).
     """
     resampled = cfg.resampled if resampled is None else resampled
-    shards = read_manifest(cfg.shards, split=cfg.train_split, image_size=cfg.image_size)
+    shards = read_manifest(cfg.shards, split=cfg.train_split, image_size=image_size)
     dataset = ShardStream(
         shards,
         cfg=cfg,
+        image_size=image_size,
         rank=rank,
         world_size=world_size,
         epoch=epoch,
@@ -389,7 +395,12 @@ def build_train_loader(
     loader = _loader(dataset, cfg.num_workers)
     loader.steps_per_epoch = (
         steps_per_epoch(
-            cfg=cfg, world_size=world_size, epoch=epoch, resampled=resampled, shards=shards
+            cfg=cfg,
+            image_size=image_size,
+            world_size=world_size,
+            epoch=epoch,
+            resampled=resampled,
+            shards=shards,
         )
         if resampled or equalize
         else None
@@ -400,6 +411,7 @@ def build_train_loader(
 def build_eval_loader(
     *,
     cfg: DataConfig,
+    image_size: int,
     rank: int,
     world_size: int,
     split: str | None = None,
@@ -416,6 +428,7 @@ def build_eval_loader(
 
     Arguments:
       cfg: the data section.
+      image_size: ``model.image_size``; must equal the shards' (checked against manifest.json).
       rank, world_size: data-parallel rank and number of ranks.
       split: the split to read (default ``cfg.val_split``).
       mode: "interactive" or "semantic".
@@ -427,10 +440,11 @@ def build_eval_loader(
     split = cfg.val_split if split is None else split
     if batch_size is not None:
         cfg = dataclasses.replace(cfg, batch_size=batch_size)
-    shards = read_manifest(cfg.shards, split=split, image_size=cfg.image_size)
+    shards = read_manifest(cfg.shards, split=split, image_size=image_size)
     dataset = ShardStream(
         shards,
         cfg=cfg,
+        image_size=image_size,
         rank=rank,
         world_size=world_size,
         train=False,

@@ -36,7 +36,7 @@ then ``floor((clip(v, lo, hi) - lo) * 255 / (hi - lo) + 0.5)``, NaN -> 0, all 0 
 same order (subtract, times 255, divide), so a slice here equals the PNG of the same slice.
 A non-uint8 image without ``intensity`` is an error.
 
-Slices of another size than ``data.image_size`` are resized after the uint8 mapping, as the shard
+Slices of another size than ``model.image_size`` are resized after the uint8 mapping, as the shard
 writer resizes 2D samples: ``square`` = ``cv2.resize`` to S x S; ``letterbox`` = longest side to S
 (``new = min(S, max(1, floor(side * S / max(H, W) + 0.5)))``), zero padding bottom/right. Images
 use ``INTER_AREA`` when shrinking (S < max(H, W)), else ``INTER_LINEAR``; labels ``INTER_NEAREST``.
@@ -113,14 +113,16 @@ def _index(root: zarr.Group) -> list[dict]:
 
 
 class VolumeSliceDataset(Dataset):
-    """Stacks of ``cfg.slices`` adjacent slices centred on each slice of each case of a split.
+    """Stacks of ``slices`` adjacent slices centred on each slice of each case of a split.
 
     Edge slices are replicate-padded (the stack of slice 0 with D = 3 is slices 0, 0, 1). Only the
     chunks of the stack's slices are read (one slice per chunk).
 
     Arguments:
       store_path: the ``.zarr`` store (``data.volumes``).
-      cfg: the data section (image_size, slices, foreground_only).
+      cfg: the data section (foreground_only).
+      image_size: S, the side of the returned slices (``model.image_size``).
+      slices: D, the stack depth, odd (``model.slices``).
       split: the split to read (e.g. ``cfg.train_split``).
       centre_label: return only the centre slice's label (S, S) instead of (D, S, S).
       foreground_only: only stacks whose centre label has foreground (default
@@ -138,16 +140,21 @@ class VolumeSliceDataset(Dataset):
         store_path: str | Path,
         *,
         cfg: DataConfig,
+        image_size: int,
+        slices: int,
         split: str,
         centre_label: bool = False,
         foreground_only: bool | None = None,
         resize: str | None = None,
     ):
         self.store_path = str(store_path)
+        if slices < 1 or slices % 2 == 0:
+            raise ValueError(f"slices must be odd and >= 1 (model.slices), got {slices}")
         self.cfg = cfg
+        self.image_size = image_size
         self.split = split
         self.centre_label = centre_label
-        self.half = cfg.slices // 2
+        self.half = slices // 2
         fg_only = cfg.foreground_only if foreground_only is None else foreground_only
         self.resize = _resize_mode(Path(self.store_path)) if resize is None else resize
         if self.resize not in ("square", "letterbox"):
@@ -266,7 +273,7 @@ class VolumeSliceDataset(Dataset):
 
     def _resize(self, block: np.ndarray, label: bool) -> np.ndarray:
         """(D, H, W) -> (D, S, S) by the module docstring's rule."""
-        s = self.cfg.image_size
+        s = self.image_size
         d, h, w = block.shape
         if (h, w) == (s, s):
             return block
@@ -309,7 +316,7 @@ class VolumeSliceDataset(Dataset):
                 raise SampleError(f"{where}/label: must be integer, got {label.dtype}")
             label = self._resize(label.astype(np.int32), label=True).astype(np.int64)
         else:
-            s = self.cfg.image_size
+            s = self.image_size
             label = np.zeros((len(lz), s, s), dtype=np.int64)
         if self.centre_label:
             label = label[0]

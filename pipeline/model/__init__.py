@@ -1,12 +1,32 @@
 """The model: SAM (from ``segment_anything``) + composable PEFT methods + heads.
 
 ``build_model(cfg=ModelConfig)`` returns a ``SamAdapt``; see ``wrapper.SamAdapt`` for its API.
+The model section itself is ``pipeline.model.config``.
+
+The names below are imported on first use: importing ``pipeline.model.config`` (which every
+config load does, also ``samadapt shard``) must not import torch.
 """
 
-from pipeline.model.build import build_meta_model, build_model
-from pipeline.model.checkpoint import CheckpointError, load_sam_checkpoint
-from pipeline.model.export import export_trainable, load_exported
-from pipeline.model.wrapper import SamAdapt
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time see __getattr__
+    from pipeline.model.build import build_meta_model, build_model
+    from pipeline.model.checkpoint import CheckpointError, load_sam_checkpoint
+    from pipeline.model.export import export_trainable, load_exported
+    from pipeline.model.wrapper import SamAdapt
+
+_WHERE = {
+    "CheckpointError": "pipeline.model.checkpoint",
+    "SamAdapt": "pipeline.model.wrapper",
+    "build_meta_model": "pipeline.model.build",
+    "build_model": "pipeline.model.build",
+    "export_trainable": "pipeline.model.export",
+    "load_exported": "pipeline.model.export",
+    "load_sam_checkpoint": "pipeline.model.checkpoint",
+}
 
 __all__ = [
     "CheckpointError",
@@ -17,3 +37,11 @@ __all__ = [
     "load_exported",
     "load_sam_checkpoint",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import SAM_ARCHS
+from pipeline.model.config import SAM_ARCHS
 from pipeline.model.peft import peft_method_of
 
 log = logging.getLogger(__name__)

@@ -2,14 +2,14 @@
 
 An export holds ``{"format", "model" (the ModelConfig as a dict), "tensors", "meta"}``. It is
 loaded onto a stock Meta checkpoint by ``load_exported`` (optionally merging LoRA/FacT into the
-base weights). ``samadapt export CONFIG STATE OUT`` writes one from a trained state: a file saved
-with ``torch.save`` (a full or trainable-only state dict, possibly under ``module``/``model``) or
-a DeepSpeed checkpoint directory (consolidated with DeepSpeed's ``zero_to_fp32``).
+base weights). ``export_state`` (``samadapt export CONFIG STATE OUT``) writes one from a trained
+state: a file saved with ``torch.save`` (a full or trainable-only state dict, possibly under
+``module``/``model``) or a DeepSpeed checkpoint directory (consolidated with DeepSpeed's
+``zero_to_fp32``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ModelConfig, load_config
+from configtree import ConfigError, from_dict
 from pipeline.model.build import build_model
 from pipeline.model.checkpoint import CheckpointError, read_state_dict
+from pipeline.model.config import ModelConfig
 from pipeline.model.wrapper import SamAdapt
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,11 @@ def read_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.T
     unknown = sorted(set(stored) - known)
     if unknown:
         raise CheckpointError(f"{path}: model config has keys this version lacks: {unknown}")
-    return ModelConfig(**stored), payload["tensors"]
+    try:
+        cfg = from_dict(ModelConfig, stored, prefix="model.")
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return cfg, payload["tensors"]
 
 
 def load_exported(
@@ -159,50 +164,42 @@ def read_trained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return read_state_dict(path)
 
 
-def cli(argv: list[str]) -> int:
-    """``samadapt export CONFIG STATE OUT [--dtype bf16] [--merged FILE] [key=value ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="samadapt export",
-        description="Write the trained tensors of a model (PEFT, trained SAM parts, head) and its "
-        "config to a small file; load it with pipeline.model.load_exported.",
-    )
-    parser.add_argument("config", help="the run's config YAML (e.g. RUN_DIR/config.yaml)")
-    parser.add_argument("state", help="trained weights: a torch.save file or DeepSpeed checkpoint")
-    parser.add_argument("out", help="output file (.pt)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument(
-        "--merged",
-        default=None,
-        metavar="FILE",
-        help="also write a full state dict with LoRA/FacT folded into the base weights (needs "
-        "model.checkpoint); with only LoRA/FacT and head=sam it loads into stock SAM",
-    )
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides).model
+def export_state(
+    cfg: ModelConfig,
+    state: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+) -> Path:
+    """Export the trained tensors of a saved training state (``samadapt export``).
+
+    Arguments:
+      cfg: the model section the state was trained with (e.g. from ``RUN_DIR/config.yaml``).
+      state: a ``torch.save`` file (full or trainable-only state dict) or a DeepSpeed checkpoint
+        folder.
+      out: the export file to write.
+      dtype: "fp32", "bf16" or "fp16" (``DTYPES``) for the floating tensors.
+
+    Returns:
+      Path: the written export. Raises ``CheckpointError`` naming ``state`` when it lacks the
+      model's trained tensors.
+    """
     # Base weights are not needed to pick out trained tensors; keep the base path in the config.
     model = build_model(cfg=dataclasses.replace(cfg, checkpoint="", compile=False))
     model.cfg = dataclasses.replace(model.cfg, checkpoint=cfg.checkpoint)
-    state = read_trained_state(args.state)
+    tensors = read_trained_state(state)
     wanted = set(model.trainable_names)
-    found = {k: v for k, v in state.items() if k in wanted}
+    found = {k: v for k, v in tensors.items() if k in wanted}
     try:
         model.load_trainable_state_dict(found, strict=True)
     except KeyError as err:
-        raise SystemExit(f"samadapt export: {args.state}: {err}") from None
-    out = export_trainable(
+        raise CheckpointError(f"{state}: {err}") from None
+    return export_trainable(
         model,
-        args.out,
-        dtype=DTYPES[args.dtype],
-        meta={"source": str(Path(args.state).resolve()), "checkpoint": cfg.checkpoint},
+        out,
+        dtype=DTYPES[dtype],
+        meta={"source": str(Path(state).resolve()), "checkpoint": cfg.checkpoint},
     )
-    if args.merged:
-        if not cfg.checkpoint:
-            raise SystemExit(
-                "samadapt export: --merged needs the base weights: set model.checkpoint"
-            )
-        write_merged(out, args.merged)
-    return 0
 
 
 def write_merged(export: str | os.PathLike, path: str | os.PathLike) -> Path:

@@ -1,20 +1,17 @@
 """Parameter accounting: total / trainable parameters per part of a ``SamAdapt`` model.
 
-``samadapt model-info CONFIG [key=value ...]`` prints the table for a config without loading any
-weights (the model is built on the meta device, so even ViT-H costs no memory).
+``parameter_table(cfg)`` counts them for a config without loading any weights (the model is built
+on the meta device, so even ViT-H costs no memory); ``samadapt model-info`` prints it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
 
 from torch import nn
 
-from pipeline.config import PEFT_METHODS, load_config
 from pipeline.model.build import build_meta_model
+from pipeline.model.config import PEFT_METHODS, ModelConfig
 from pipeline.model.peft import peft_method_of
 
 
@@ -66,26 +63,16 @@ def format_table(rows: list[PartCount]) -> str:
     return "\n".join(lines)
 
 
-def cli(argv: list[str]) -> int:
-    """``samadapt model-info CONFIG [key=value ...] [--json]``."""
-    parser = argparse.ArgumentParser(
-        prog="samadapt model-info",
-        description="Total / trainable parameters per part for a config (no weights loaded).",
+def parameter_table(cfg: ModelConfig) -> list[PartCount]:
+    """``count_parameters`` of the model ``cfg`` builds, built on the meta device (no memory,
+    no weights read)."""
+    return count_parameters(build_meta_model(cfg=cfg))
+
+
+def describe(cfg: ModelConfig) -> str:
+    """One line naming the model: arch, width, depth, input size, PEFT methods and head."""
+    spec = cfg.encoder_spec()
+    return (
+        f"{cfg.arch} (width {spec[0]}, depth {spec[1]}) @ {cfg.image_size} px, "
+        f"peft={cfg.peft}, head={cfg.head}"
     )
-    parser.add_argument("config", help="config YAML")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides).model
-    rows = count_parameters(build_meta_model(cfg=cfg))
-    if args.json:
-        print(json.dumps([row.__dict__ for row in rows], indent=1))
-    else:
-        spec = cfg.encoder_spec()
-        print(
-            f"{cfg.arch} (width {spec[0]}, depth {spec[1]}) @ {cfg.image_size} px, "
-            f"peft={cfg.peft}, head={cfg.head}"
-        )
-        print(format_table(rows))
-    sys.stdout.flush()
-    return 0

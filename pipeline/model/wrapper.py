@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import PromptEncoder
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.model.config import ModelConfig
 from pipeline.model.decoder import BatchedMaskDecoder
 from pipeline.model.encoder import AdaptedImageEncoder
 from pipeline.model.heads import CnnHead, LinearHead, ProgressiveUpsampler

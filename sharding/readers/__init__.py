@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import ShardingConfig
+from sharding.config import ShardingConfig
 from sharding.records import Reader
 
 __all__ = ["FORMATS", "get_reader"]

@@ -48,7 +48,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
-from pipeline.config import ShardingConfig
+from sharding.config import ShardingConfig
 from sharding.readers.common import (
     canonical_zyx,
     integer_label,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ShardingConfig
+from sharding.config import ShardingConfig
 from sharding.readers.common import (
     IMAGE_SUFFIXES,
     assign_slice_indices,

@@ -37,7 +37,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.config import ShardingConfig
+from sharding.config import ShardingConfig
 from sharding.readers.common import integer_label, modality_name, to_zyx
 from sharding.records import RejectedInput, Unit, Volume
 

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ShardingConfig
+from sharding.config import ShardingConfig
 from sharding.readers.common import (
     assign_slice_indices,
     decode_image_file,

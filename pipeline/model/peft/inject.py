@@ -15,7 +15,7 @@ import logging
 
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.model.config import ModelConfig
 from pipeline.model.peft.adapter3d import Adapter3d
 from pipeline.model.peft.adapters import Med2dAdapter, MsaAdapters
 from pipeline.model.peft.qkv import AdaptedQkv, FactCores, FactShared, LoraQV

@@ -1,0 +1,167 @@
+"""The ``model`` section of the config, with the registries it names: SAM's encoder shapes
+(``SAM_ARCHS``) and the PEFT methods (``PEFT_METHODS``). Built into a model by ``pipeline.model``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from configtree import require
+
+__all__ = ["PEFT_METHODS", "SAM_ARCHS", "ModelConfig"]
+
+# SAM encoder shapes: arch -> (embed_dim, depth, num_heads, global_attn_indexes). Meta's values for
+# vit_b/l/h (segment_anything/build_sam.py); "tiny" is the CPU test size.
+SAM_ARCHS: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
+    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+    "tiny": (64, 2, 2, (1,)),
+}
+PEFT_METHODS = ("sam_med2d_adapter", "msa_adapter", "lora", "fact", "adapter3d")
+
+
+@dataclass
+class ModelConfig:
+    """SAM + PEFT methods + head. Built by ``pipeline.model``."""
+
+    arch: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b"
+    """Encoder size: Meta's vit_b / vit_l / vit_h, or tiny (depth 2, width 64) for tests."""
+    image_size: int = 256
+    """Encoder input size; position embeddings are resized from the checkpoint's. The readers
+    expect images of this side (checked against the shards' manifest.json)."""
+    checkpoint: str = ""
+    """Path to Meta's sam_vit_{b,l,h}_*.pth; empty = random init (tests)."""
+    embed_dim: int = 0
+    """Encoder width override (0 = from arch); for tiny test models."""
+    depth: int = 0
+    """Encoder depth override (0 = from arch)."""
+    num_heads: int = 0
+    """Encoder heads override (0 = from arch)."""
+    global_attn_indexes: list[int] = field(default_factory=list)
+    """Global-attention blocks override (empty = from arch)."""
+    window_size: int = 14
+    """Window of the windowed-attention blocks, in tokens (SAM: 14)."""
+    prompt_dim: int = 256
+    """Width of the image embeddings, prompt encoder and mask decoder (SAM: 256; Meta's
+    checkpoints need 256). Smaller only for tiny test models (debug.yaml: 32)."""
+    peft: list[str] = field(default_factory=lambda: ["sam_med2d_adapter"])
+    """Any subset of: sam_med2d_adapter, msa_adapter, lora, fact, adapter3d (empty = frozen
+    encoder)."""
+    peft_blocks: list[int] = field(default_factory=list)
+    """Encoder blocks that get PEFT modules (empty = all)."""
+    peft_method_blocks: dict[str, list[int]] = field(default_factory=dict)
+    """Per-method override of peft_blocks, e.g. {lora: [8, 9, 10, 11]}; methods not named here
+    use peft_blocks."""
+    lora_rank: int = 4
+    """Rank of LoRA on q and v (SAMed: 4)."""
+    fact_rank: int = 32
+    """Rank of FacT-TT on q and v (MA-SAM: 32)."""
+    fact_dropout: float = 0.1
+    """Dropout on the FacT core outputs in training (MA-SAM: 0.1)."""
+    adapter3d_dim: int = 384
+    """Bottleneck width of the 3D adapters (MA-SAM: 384 for ViT-B/H)."""
+    slices: int = 1
+    """Adjacent slices stacked in the batch for adapter3d / msa depth branch (D); the stack depth
+    the 3D reader (data.volumes) reads (odd, centred on the labelled slice)."""
+    head: Literal["sam", "auto", "cnn", "linear"] = "sam"
+    """sam: promptable (prompt encoder + mask decoder); auto: AutoSAM decoder with one mask token
+    per class; cnn: light UNet-like decoder; linear: per-pixel linear layer."""
+    num_classes: int = 1
+    """Foreground classes of prompt-free heads (auto, cnn, linear); they output num_classes + 1
+    channels, channel 0 = background."""
+    multimask: bool = True
+    """Default of decode(multimask=...): 3 masks + IoU predictions instead of 1."""
+    progressive_upsampling: bool = False
+    """MA-SAM's progressive upsampling to full resolution (head=auto)."""
+    train_prompt_encoder: bool = True
+    """Train SAM's prompt encoder (head=sam)."""
+    train_mask_decoder: bool = True
+    """Train SAM's mask decoder (head=sam, or the AutoSAM decoder for head=auto)."""
+    activation_checkpointing: bool = False
+    """Recompute encoder blocks in the backward pass instead of storing their activations."""
+    activation_checkpointing_blocks: list[int] = field(default_factory=list)
+    """Blocks recomputed when activation_checkpointing is on (empty = all)."""
+    autocast_bf16: bool = False
+    """Run the model under torch.autocast(bfloat16) (weights stay fp32)."""
+    compile: bool = False
+    """torch.compile the image encoder."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor; eager or aot_eager to debug)."""
+    fused_attention: bool = False
+    """Encoder attention through scaled_dot_product_attention, with SAM's decomposed
+    relative-position terms passed as an additive attn_mask."""
+
+    def encoder_spec(self) -> tuple[int, int, int, tuple[int, ...]]:
+        """(embed_dim, depth, num_heads, global_attn_indexes) after the overrides."""
+        dim, depth, heads, glob = SAM_ARCHS[self.arch]
+        if self.global_attn_indexes:
+            glob = tuple(self.global_attn_indexes)
+        return (self.embed_dim or dim, self.depth or depth, self.num_heads or heads, glob)
+
+    def blocks_for(self, method: str) -> list[int]:
+        """Encoder blocks that get ``method`` (sorted)."""
+        depth = self.encoder_spec()[1]
+        chosen = self.peft_method_blocks.get(method) or self.peft_blocks or range(depth)
+        return sorted(set(chosen))
+
+    def __post_init__(self) -> None:
+        for name in self.peft:
+            require(
+                name in PEFT_METHODS,
+                "peft",
+                f"unknown PEFT method {name!r} (known: {', '.join(PEFT_METHODS)})",
+            )
+        require(len(set(self.peft)) == len(self.peft), "peft", "lists a method twice")
+        require(self.image_size % 16 == 0, "image_size", "must be a multiple of 16")
+        require(self.image_size >= 32, "image_size", "must be >= 32")
+        for key in ("embed_dim", "depth", "num_heads"):
+            require(getattr(self, key) >= 0, key, "must be >= 0 (0 = from arch)")
+        dim, depth, heads, glob = self.encoder_spec()
+        require(dim % heads == 0, "num_heads", f"({heads}) must divide the encoder width ({dim})")
+        require(
+            all(0 <= i < depth for i in glob),
+            "global_attn_indexes",
+            f"{list(glob)} must be block indexes in [0, {depth}) (depth {depth}; set "
+            "global_attn_indexes when overriding depth)",
+        )
+        require(self.window_size >= 0, "window_size", "must be >= 0 (0 = global everywhere)")
+        require(
+            all(0 <= i < depth for i in self.peft_blocks),
+            "peft_blocks",
+            f"{self.peft_blocks} must be block indexes in [0, {depth})",
+        )
+        for name, blocks in self.peft_method_blocks.items():
+            require(
+                name in self.peft,
+                "peft_method_blocks",
+                f"names {name!r}, which is not in peft {self.peft}",
+            )
+            require(
+                all(0 <= i < depth for i in blocks),
+                "peft_method_blocks",
+                f"{name}: {blocks} must be block indexes in [0, {depth})",
+            )
+        require(
+            all(0 <= i < depth for i in self.activation_checkpointing_blocks),
+            "activation_checkpointing_blocks",
+            f"{self.activation_checkpointing_blocks} must be block indexes in [0, {depth})",
+        )
+        require(
+            self.prompt_dim >= 16 and self.prompt_dim % 16 == 0,
+            "prompt_dim",
+            f"must be a multiple of 16, got {self.prompt_dim}",
+        )
+        require(self.lora_rank >= 1, "lora_rank", "must be >= 1")
+        require(self.fact_rank >= 1, "fact_rank", "must be >= 1")
+        require(0.0 <= self.fact_dropout < 1.0, "fact_dropout", "must be in [0, 1)")
+        require(self.adapter3d_dim >= 1, "adapter3d_dim", "must be >= 1")
+        require(self.num_classes >= 1, "num_classes", "must be >= 1")
+        require(self.slices >= 1, "slices", "must be >= 1")
+        require(
+            not self.progressive_upsampling or self.head == "auto",
+            "progressive_upsampling",
+            f"is an option of head=auto (head is {self.head!r})",
+        )
+        require(bool(self.compile_backend), "compile_backend", "must not be empty")
