@@ -29,6 +29,9 @@ class ShardingConfig:
     agree on which input goes to which shard."""
     shard_size_mb: float = 1000.0
     """Target shard size used when inputs_per_shard is 0."""
+    shuffle_seed: int = 0
+    """Seed of the order in which each split's inputs are cut into shards (sharding/plan.py): a
+    random order, so that every shard is a sample of the whole split, not a few cases."""
     keep_empty_ratio: float = 0.1
     """Fraction of slices without any foreground that are kept (chosen by hash, deterministic)."""
     val_fraction: float = 0.1

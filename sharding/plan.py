@@ -1,20 +1,25 @@
 """The shard plan: which input unit goes to which split and which shard, fixed at the first run.
 
-The plan is a pure function of the sorted unit list and the sharding settings:
+The plan is a pure function of the unit list and the sharding settings:
 
 * the split is decided per **case** (patient), never per slice or image: the first 8 bytes of
   ``sha1(f"{dataset}/{case_id}")`` as a fraction ``u`` in [0, 1) give ``val`` when
   ``u < val_fraction``, ``test`` when ``u < val_fraction + test_fraction``, else ``train``;
-* within a split the units (sorted by id) are cut into shards of ``inputs_per_shard`` units; when
-  that setting is 0 it is estimated once, from the encoded size of the first (up to 8) units of the
-  sorted list, so that shards come out near ``shard_size_mb``;
+* the units are put in a seeded random order, ``sha256(f"{shuffle_seed}/{unit id}")`` (stable
+  across runs, machines and library versions), and each split keeps that order. Readers list
+  units sorted by dataset/case/slice; cut in that order, a shard would hold a few cases and the
+  reader's shuffle buffer (a few hundred samples of a shard of thousands) could not mix them, so
+  batches would hold slices of one patient far more often than a global shuffle gives;
+* within a split the units are cut into shards of ``inputs_per_shard`` units; when that setting
+  is 0 it is estimated once, from the encoded size of the first (up to 8) units sorted by id, so
+  that shards come out near ``shard_size_mb``;
 * shards are numbered **globally**, one numbering across splits in the order train, val, test, so
   shard ``i`` is ``OUT/{split}/shard-{i:06d}.tar`` and ``--shard-range i:j`` (half-open) is one
   slice of the whole job, as a Slurm job array wants.
 
 ``plan.json`` is written once (temp file + rename). It stays small at any corpus size (one line
-per shard: split, position in the split's sorted unit list, first and last unit id; one sha256 per
-split over its sorted unit ids), because every task of a job array reads it. A rerun reads it
+per shard: split, position in the split's ordered unit list, first and last unit id; one sha256
+per split over its ordered unit ids), because every task of a job array reads it. A rerun reads it
 back and checks that the units of every split and every setting that changes shard content are
 unchanged; if not it stops with a message naming the difference (setting, split, first shard
 that differs) instead of silently resharding into a mixed set.
@@ -44,6 +49,7 @@ __all__ = [
     "ShardSpec",
     "load_or_create_plan",
     "make_plan",
+    "plan_order",
     "plan_settings",
     "split_of",
 ]
@@ -63,7 +69,7 @@ class PlanMismatch(ValueError):
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """One shard of the plan: its global index, split and input units (sorted by id)."""
+    """One shard of the plan: its global index, split and input units (in plan order)."""
 
     index: int
     split: str
@@ -146,8 +152,26 @@ def _ids_digest(ids: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _order_key(seed: int, unit_id: str) -> bytes:
+    return hashlib.sha256(f"{seed}/{unit_id}".encode()).digest()
+
+
+def plan_order(units: Iterable[Unit], *, seed: int) -> list[Unit]:
+    """The units in the plan's seeded random order (``sharding.shuffle_seed``).
+
+    Arguments:
+      units: the units (any order; ids unique).
+      seed: the shuffle seed.
+
+    Returns:
+      The units sorted by ``sha256(f"{seed}/{id}")``: a permutation that depends only on the ids
+      and the seed.
+    """
+    return sorted(units, key=lambda u: _order_key(seed, u.id))
+
+
 def _split_units(ordered: Sequence[Unit], cfg: ShardingConfig) -> dict[str, list[Unit]]:
-    """Units (sorted by id) by split, in the same order."""
+    """Units by split, each split in the order of ``ordered``."""
     by_split: dict[str, list[Unit]] = {s: [] for s in SPLITS}
     for unit in ordered:
         split = split_of(
@@ -198,25 +222,26 @@ def make_plan(
     """Assign units to splits and shards.
 
     Arguments:
-      units: all input units (sorted here by id; ids must be unique).
+      units: all input units (any order; ids must be unique).
       fmt: reader format name (recorded and checked on reruns).
       input_path: the corpus root (recorded for people; reruns check units, not the path).
       cfg: the sharding section.
-      bytes_per_unit: called with the first ``ESTIMATE_UNITS`` units when
+      bytes_per_unit: called with the first ``ESTIMATE_UNITS`` units (by id) when
         ``cfg.inputs_per_shard`` is 0; returns their mean encoded size in bytes.
 
     Returns:
-      The ``Plan``; shards numbered globally in split order train, val, test.
+      The ``Plan``; shards numbered globally in split order train, val, test, each split's
+      units in ``plan_order``.
     """
-    ordered = sorted(units, key=lambda u: u.id)
-    ids = [u.id for u in ordered]
+    by_id = sorted(units, key=lambda u: u.id)
+    ids = [u.id for u in by_id]
     dupes = sorted({i for i, j in zip(ids, ids[1:], strict=False) if i == j})
     if dupes:
         raise PlanMismatch(f"the reader listed unit ids more than once: {dupes[:5]}")
     per_shard = cfg.inputs_per_shard
     if per_shard == 0:
-        per_shard = _estimate_per_shard(ordered, cfg=cfg, bytes_per_unit=bytes_per_unit)
-    by_split = _split_units(ordered, cfg)
+        per_shard = _estimate_per_shard(by_id, cfg=cfg, bytes_per_unit=bytes_per_unit)
+    by_split = _split_units(plan_order(by_id, seed=cfg.shuffle_seed), cfg)
     shards: list[ShardSpec] = []
     for split in SPLITS:
         members = by_split[split]
@@ -297,13 +322,19 @@ def _check_saved(
     expected = plan_settings(fmt, cfg)
     recorded = saved.get("settings", {})
     for key in sorted(set(expected) | set(recorded)):
+        if key not in recorded:
+            raise PlanMismatch(
+                f"{path} was made by an earlier samadapt without the setting {key} (this run "
+                f"has {key}={expected[key]!r}), which orders or fills shards differently: finish "
+                "it with that version, or write to a new output folder"
+            )
         if expected.get(key) != recorded.get(key):
             raise PlanMismatch(
                 f"{path} was made with {key}={recorded.get(key)!r}, this run has "
                 f"{key}={expected.get(key)!r}; rerun with the same settings, or write to a new "
                 "output folder (shards of both settings would be mixed)"
             )
-    by_split = _split_units(sorted(units, key=lambda u: u.id), cfg)
+    by_split = _split_units(plan_order(units, seed=cfg.shuffle_seed), cfg)
     if saved["shards"] and "units" in saved["shards"][0]:
         saved = _upgrade_listing(saved)
     for split in SPLITS:
