@@ -47,6 +47,9 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 500
     """Samples held in the shuffle buffer of each worker."""
+    open_shards: int = 4
+    """Shards each training worker reads at once, their samples interleaved at random (in
+    proportion to what each has left) before the shuffle buffer; 1 = one shard after another."""
     box_jitter: int = 5
     """Box prompt noise: each box is shifted by up to this many pixels (SAM-Med2D: 5)."""
     point_num: int = 1
@@ -68,6 +71,7 @@ class DataConfig:
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.num_workers >= 0, "num_workers", "must be >= 0")
         require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
+        require(self.open_shards >= 1, "open_shards", f"must be >= 1, got {self.open_shards}")
         require(self.box_jitter >= 0, "box_jitter", "must be >= 0")
         require(self.point_num >= 1, "point_num", "must be >= 1")
 

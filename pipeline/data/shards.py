@@ -34,8 +34,9 @@ __all__ = [
 ]
 
 # seed tags: one independent random stream per purpose (shard order, a worker's own run of
-# shards, its shuffle buffer, its mask/prompt picks, resampled shards, top-up shards)
-ORDER, OWN, SHUFFLE, PICK, RESAMPLE, TOPUP = range(6)
+# shards, its shuffle buffer, its mask/prompt picks, resampled shards, top-up shards, the
+# interleaving of its open shards)
+ORDER, OWN, SHUFFLE, PICK, RESAMPLE, TOPUP, INTERLEAVE = range(7)
 
 
 def seed_of(*parts: int) -> int:

@@ -7,7 +7,8 @@ The pipeline of one loader worker, stage by stage (``ShardStream.__iter__``)::
     -> split by node                           explicit rank / world_size, balanced by samples
     -> split by worker                         DataLoader worker id, balanced by samples
     -> tar samples                             a read error names the shard path; sample count
-                                               checked against the manifest
+                                               and sha256 checked against the manifest
+    -> interleave                              data.open_shards shards read at once (training)
     -> shuffle buffer                          data.shuffle_buffer raw samples (bytes), per worker
     -> decode                                  our decoder: .img / .mpk / .json (sharding.format)
     -> map                                     pick masks + prompts (interactive) or label map
@@ -32,6 +33,14 @@ DeepSpeed needs every rank to take the same number of steps (each step is a coll
 * ``resampled=True`` (``data.resampled``): every worker draws shards with replacement (weighted by
   samples) and the epoch is cut at ``ceil(total samples / (batch_size * world_size))`` full batches
   per rank, shared out over the workers (open_clip's ``--dataset-resampled``).
+
+Mixing. The sharder writes each split's inputs in a seeded random order (``sharding/plan.py``),
+so a shard is a sample of the whole split; a training worker still reads ``data.open_shards``
+shards at once and draws each next sample from one of them at random, in proportion to the
+samples each has left (so they end together), before its shuffle buffer. A buffer of a few
+hundred samples spans ~2 % of a default shard: alone it cannot mix what one shard holds (the
+slices of a 3D case, written together, or shards cut from a sorted corpus).
+``bench/mixing.py`` compares the batch composition with a uniform shuffle.
 
 Determinism: the batch sequence of a rank is a function of (seed, epoch, rank, world_size,
 num_workers, batch_size) and the data; DataLoader hands out worker batches round-robin in worker
@@ -63,6 +72,7 @@ from pipeline.config import DataConfig
 from pipeline.data.collate import collate
 from pipeline.data.samples import SampleError, SkipCounter, decode, interactive, semantic
 from pipeline.data.shards import (
+    INTERLEAVE,
     OWN,
     PICK,
     RESAMPLE,
@@ -82,6 +92,7 @@ __all__ = [
     "ShardStream",
     "build_eval_loader",
     "build_train_loader",
+    "interleaved_samples",
     "read_manifest",
     "resampled_shards",
     "steps_per_epoch",
@@ -146,6 +157,33 @@ def _shard_samples(url: str, hashed: list[str] | None) -> Iterator[dict]:
         hashed.append(stream.hexdigest_to_end())
 
 
+def _checked_shard(shard: dict, *, verify: bool) -> Iterator[dict]:
+    """The raw samples of one shard, checked at its end (see ``tar_samples``)."""
+    url, count = shard["url"], 0
+    expected = shard.get("sha256", "") if verify else ""
+    hashed: list[str] | None = [] if expected else None
+    try:
+        for sample in _shard_samples(url, hashed):
+            sample["__padding__"] = shard.get("padding", False)
+            count += 1
+            yield sample
+    except SampleError:
+        raise
+    except Exception as exc:  # tarfile.ReadError, OSError, gzip errors...: name the shard
+        raise SampleError(f"shard {url}: cannot read ({type(exc).__name__}: {exc})") from exc
+    if count != shard["samples"]:
+        raise SampleError(
+            f"shard {url}: read {count} samples, the manifest says {shard['samples']} "
+            "(truncated or rewritten after the manifest)"
+        )
+    if hashed and hashed[0] != expected:
+        raise SampleError(
+            f"shard {url}: sha256 {hashed[0]} is not the manifest's {expected} (damaged or "
+            "rewritten after sharding): copy it again or reshard; data.verify_checksums=false "
+            "skips this check"
+        )
+
+
 def tar_samples(shards: Iterable[dict], *, verify: bool = True) -> Iterator[dict]:
     """Shards -> raw samples (WebDataset's tar reader), one shard at a time.
 
@@ -157,29 +195,56 @@ def tar_samples(shards: Iterable[dict], *, verify: bool = True) -> Iterator[dict
     still decodes. Samples already read are not undone: the run stops at the shard's end.
     """
     for shard in shards:
-        url, count = shard["url"], 0
-        expected = shard.get("sha256", "") if verify else ""
-        hashed: list[str] | None = [] if expected else None
-        try:
-            for sample in _shard_samples(url, hashed):
-                sample["__padding__"] = shard.get("padding", False)
-                count += 1
-                yield sample
-        except SampleError:
-            raise
-        except Exception as exc:  # tarfile.ReadError, OSError, gzip errors...: name the shard
-            raise SampleError(f"shard {url}: cannot read ({type(exc).__name__}: {exc})") from exc
-        if count != shard["samples"]:
-            raise SampleError(
-                f"shard {url}: read {count} samples, the manifest says {shard['samples']} "
-                "(truncated or rewritten after the manifest)"
-            )
-        if hashed and hashed[0] != expected:
-            raise SampleError(
-                f"shard {url}: sha256 {hashed[0]} is not the manifest's {expected} (damaged or "
-                "rewritten after sharding): copy it again or reshard; data.verify_checksums=false "
-                "skips this check"
-            )
+        yield from _checked_shard(shard, verify=verify)
+
+
+def interleaved_samples(
+    shards: Iterable[dict], *, open_shards: int, rng: random.Random, verify: bool = True
+) -> Iterator[dict]:
+    """Raw samples of up to ``open_shards`` shards read at once (each checked as in
+    ``tar_samples``), in a random interleaving.
+
+    Each next sample comes from one of the open shards, drawn with probability proportional to
+    the samples it has left (manifest counts), so the open shards end together and each sample's
+    position is spread over the whole stretch; a finished shard is replaced by the next one of
+    ``shards`` (which may be endless). A function of ``rng``'s state and the shards' contents.
+
+    Arguments:
+      shards: shard dicts (url, samples, padding, sha256), in reading order.
+      open_shards: shards open at once (1 = ``tar_samples``).
+      rng: the draws (seeded by the caller).
+      verify: check each shard's sha256 at its end.
+
+    Returns:
+      An iterator of raw samples.
+    """
+    if open_shards <= 1:
+        yield from tar_samples(shards, verify=verify)
+        return
+    pending = iter(shards)
+    streams: list[Iterator[dict]] = []
+    left: list[int] = []
+
+    def refill() -> None:
+        while len(streams) < open_shards:
+            shard = next(pending, None)
+            if shard is None:
+                return
+            streams.append(_checked_shard(shard, verify=verify))
+            left.append(max(int(shard["samples"]), 0))
+
+    refill()
+    while streams:
+        # a shard with nothing left by the manifest keeps weight 1: it is read to its end (and
+        # checked) when drawn, and a longer-than-listed shard still fails its count check
+        (i,) = rng.choices(range(len(streams)), weights=[max(n, 1) for n in left])
+        sample = next(streams[i], None)
+        if sample is None:
+            del streams[i], left[i]
+            refill()
+            continue
+        left[i] -= 1
+        yield sample
 
 
 class ShardStream(IterableDataset):
@@ -241,10 +306,15 @@ class ShardStream(IterableDataset):
     def _samples(
         self, shards: Iterable[dict], worker: int, tag: int, skipped: SkipCounter
     ) -> Iterator[dict]:
-        """tar -> shuffle buffer -> decode -> map, for one run of shards."""
+        """tar -> interleave -> shuffle buffer -> decode -> map, for one run of shards."""
         cfg = self.cfg
-        samples: Iterator[dict] = tar_samples(shards, verify=cfg.verify_checksums)
         key = (cfg.seed, self.epoch, self.rank, worker, tag)
+        samples: Iterator[dict] = interleaved_samples(
+            shards,
+            open_shards=cfg.open_shards if self.train else 1,
+            rng=random.Random(seed_of(*key, INTERLEAVE)),
+            verify=cfg.verify_checksums,
+        )
         if self.train and cfg.shuffle_buffer > 1:
             rng = random.Random(seed_of(*key, SHUFFLE))
             samples = wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_buffer, rng=rng)(samples)
