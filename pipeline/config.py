@@ -48,8 +48,8 @@ class DataConfig:
     shuffle_buffer: int = 500
     """Samples held in the shuffle buffer of each worker."""
     open_shards: int = 4
-    """Shards each training worker reads at once, their samples interleaved at random (in
-    proportion to what each has left) before the shuffle buffer; 1 = one shard after another."""
+    """Shards each training worker reads at once, one sample of each in turn (random order per
+    round), before the shuffle buffer; 1 = one shard after another."""
     box_jitter: int = 5
     """Box prompt noise: each box is shifted by up to this many pixels (SAM-Med2D: 5)."""
     point_num: int = 1

@@ -36,8 +36,8 @@ DeepSpeed needs every rank to take the same number of steps (each step is a coll
 
 Mixing. The sharder writes each split's inputs in a seeded random order (``sharding/plan.py``),
 so a shard is a sample of the whole split; a training worker still reads ``data.open_shards``
-shards at once and draws each next sample from one of them at random, in proportion to the
-samples each has left (so they end together), before its shuffle buffer. A buffer of a few
+shards at once, one sample of each in turn (in a random order per round), before its shuffle
+buffer. A buffer of a few
 hundred samples spans ~2 % of a default shard: alone it cannot mix what one shard holds (the
 slices of a 3D case, written together, or shards cut from a sorted corpus).
 ``bench/mixing.py`` compares the batch composition with a uniform shuffle.
@@ -202,17 +202,18 @@ def interleaved_samples(
     shards: Iterable[dict], *, open_shards: int, rng: random.Random, verify: bool = True
 ) -> Iterator[dict]:
     """Raw samples of up to ``open_shards`` shards read at once (each checked as in
-    ``tar_samples``), in a random interleaving.
+    ``tar_samples``), interleaved in rounds.
 
-    Each next sample comes from one of the open shards, drawn with probability proportional to
-    the samples it has left (manifest counts), so the open shards end together and each sample's
-    position is spread over the whole stretch; a finished shard is replaced by the next one of
-    ``shards`` (which may be endless). A function of ``rng``'s state and the shards' contents.
+    Each round takes one sample from every open shard, in a random order of the shards, so the
+    samples of a round come from different shards (random draws of a shard per sample would
+    often take several of one shard in a row). A shard that ends is replaced, after the round, by
+    the next one of ``shards`` (which may be endless). A function of ``rng``'s state and the
+    shards' contents.
 
     Arguments:
       shards: shard dicts (url, samples, padding, sha256), in reading order.
       open_shards: shards open at once (1 = ``tar_samples``).
-      rng: the draws (seeded by the caller).
+      rng: the order within each round (seeded by the caller).
       verify: check each shard's sha256 at its end.
 
     Returns:
@@ -223,28 +224,22 @@ def interleaved_samples(
         return
     pending = iter(shards)
     streams: list[Iterator[dict]] = []
-    left: list[int] = []
-
-    def refill() -> None:
+    while True:
         while len(streams) < open_shards:
             shard = next(pending, None)
             if shard is None:
-                return
+                break
             streams.append(_checked_shard(shard, verify=verify))
-            left.append(max(int(shard["samples"]), 0))
-
-    refill()
-    while streams:
-        # a shard with nothing left by the manifest keeps weight 1: it is read to its end (and
-        # checked) when drawn, and a longer-than-listed shard still fails its count check
-        (i,) = rng.choices(range(len(streams)), weights=[max(n, 1) for n in left])
-        sample = next(streams[i], None)
-        if sample is None:
-            del streams[i], left[i]
-            refill()
-            continue
-        left[i] -= 1
-        yield sample
+        if not streams:
+            return
+        ended = set()
+        for i in rng.sample(range(len(streams)), len(streams)):
+            sample = next(streams[i], None)
+            if sample is None:  # the shard's checks have run: it was read to its end
+                ended.add(i)
+            else:
+                yield sample
+        streams = [s for i, s in enumerate(streams) if i not in ended]
 
 
 class ShardStream(IterableDataset):
