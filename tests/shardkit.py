@@ -66,6 +66,7 @@ def write_shards(
     empty_every: int = 0,
     max_masks: int = 4,
     dataset: str = "toy",
+    slices_per_case: int = 1,
 ) -> list[Written]:
     """Write shards and a manifest.
 
@@ -77,6 +78,8 @@ def write_shards(
       empty_every: every k-th sample (k > 0) has no mask.
       max_masks: masks per sample are drawn in 1..max_masks.
       dataset: dataset name in the keys.
+      slices_per_case: consecutive samples that share a case id (at most 7: slice indices are
+        the sample counter mod 7), as a sharder writing cases in sorted order would.
 
     Returns:
       Every sample written, in write order.
@@ -98,14 +101,15 @@ def write_shards(
                     empty = empty_every > 0 and counter % empty_every == 0
                     n = 0 if empty else int(rng.integers(1, max_masks + 1))
                     image, masks = random_sample(rng, image_size, n, rgb=bool(counter % 2))
-                    key = sample_key(dataset, f"case{counter:04d}", counter % 7)
+                    case = f"case{(counter - 1) // slices_per_case + 1:04d}"
+                    key = sample_key(dataset, case, counter % 7)
                     class_ids = [int(c) for c in rng.integers(1, 5, size=n)]
                     meta = {
                         "class_ids": class_ids,
                         "class_names": [f"c{c}" for c in class_ids],
                         "dataset": dataset,
                         "modality": "ct",
-                        "case_id": f"case{counter:04d}",
+                        "case_id": case,
                         "slice_index": counter % 7,
                         "spacing": [1.0, 1.0],
                         "original_size": [image_size, image_size],
