@@ -49,6 +49,7 @@ __all__ = [
     "ShardSpec",
     "load_or_create_plan",
     "make_plan",
+    "order_key",
     "plan_order",
     "plan_settings",
     "split_of",
@@ -152,8 +153,9 @@ def _ids_digest(ids: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _order_key(seed: int, unit_id: str) -> bytes:
-    return hashlib.sha256(f"{seed}/{unit_id}".encode()).digest()
+def order_key(seed: int, name: str) -> bytes:
+    """The sort key of the seeded random orders (units in the plan, 3D slices in a shard)."""
+    return hashlib.sha256(f"{seed}/{name}".encode()).digest()
 
 
 def plan_order(units: Iterable[Unit], *, seed: int) -> list[Unit]:
@@ -167,7 +169,7 @@ def plan_order(units: Iterable[Unit], *, seed: int) -> list[Unit]:
       The units sorted by ``sha256(f"{seed}/{id}")``: a permutation that depends only on the ids
       and the seed.
     """
-    return sorted(units, key=lambda u: _order_key(seed, u.id))
+    return sorted(units, key=lambda u: order_key(seed, u.id))
 
 
 def _split_units(ordered: Sequence[Unit], cfg: ShardingConfig) -> dict[str, list[Unit]]:

@@ -6,7 +6,13 @@ A unit loads as a ``Slice2D`` (a 2D image) or a ``Volume`` (a 3D case, sliced al
 resizing are dropped and reported; a slice left without any mask is kept with probability
 ``cfg.keep_empty_ratio``, decided by a hash of its key (so reruns keep the same ones).
 
-Determinism: units in plan order, slices in Z order, members of a sample in the order
+Order: 2D samples in plan order (already a seeded random order, ``sharding/plan.py``). The slices
+of 3D cases are parked in a temp file beside the tar and written after the shard's last unit, all
+cases' slices together in the seeded random order of their keys (``plan.order_key``): written case
+after case, a shard of hundreds of slices per case could not be mixed by the reader's shuffle
+buffer, and batches would hold slices of one patient most of the time.
+
+Determinism: units in plan order, the orders above, members of a sample in the order
 json, mpk, img, and fixed tar headers (mtime 0, uid/gid 0, no user names, mode 0644). A rerun
 writes byte-identical tars, so sha256 in the sidecar and the manifest is reproducible.
 
@@ -48,7 +54,7 @@ from sharding.manifest import (
     reason_category,
     tmp_name,
 )
-from sharding.plan import ShardSpec
+from sharding.plan import ShardSpec, order_key
 from sharding.records import Reader, RejectedInput, Slice2D, Unit, Volume
 from sharding.transform import resize_sample, volume_slices
 from sharding.volumes import write_case
@@ -326,6 +332,43 @@ def _add_sample(tar: _TarWriter, key: str, members: dict[str, bytes]) -> None:
         tar.add(f"{key}.{ext}", members[ext])
 
 
+class _Spool:
+    """Encoded samples parked in a temp file (not in memory: a shard is up to shard_size_mb), to
+    be written to the tar later in another order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: io.BufferedRandom | None = None  # opened by the first sample
+        self.offset = 0
+        self.index: list[tuple[str, list[tuple[str, int, int]]]] = []
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        if self.file is None:
+            self.file = open(self.path, "w+b")
+        spans = []
+        for ext in _MEMBER_ORDER:
+            data = members[ext]
+            self.file.write(data)
+            spans.append((ext, self.offset, len(data)))
+            self.offset += len(data)
+        self.index.append((key, spans))
+
+    def drain(self, tar: _TarWriter, *, seed: int) -> None:
+        """Write every parked sample to ``tar``, in the order of ``order_key(seed, key)``."""
+        if self.file is None:
+            return
+        self.file.flush()
+        fd = self.file.fileno()
+        for key, spans in sorted(self.index, key=lambda entry: order_key(seed, entry[0])):
+            for ext, offset, size in spans:
+                tar.add(f"{key}.{ext}", os.pread(fd, size, offset))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.path.unlink(missing_ok=True)
+
+
 def _stale_tmps(tar_path: Path) -> Iterator[Path]:
     yield from tar_path.parent.glob(f"{tar_path.name}.tmp-*")
 
@@ -379,35 +422,34 @@ def write_shard(reader: Reader, spec: ShardSpec, *, output: Path, cfg: ShardingC
     rejections: list[dict] = []
     seen: dict[str, str] = {}
     tmp = tmp_name(tar_path)
-    with open(tmp, "wb") as raw:
-        sink = _HashingFile(raw)
-        tar = _TarWriter(sink)
-        for unit in spec.units:
-            result = encode_unit(reader, unit, split=spec.split, cfg=cfg)
-            for sample in result.samples:
-                if sample.key in seen:
-                    # the same dataset/case/slice from two units: keep the first
-                    _reject(
-                        result,
-                        {
-                            "unit": unit.id,
-                            "path": sample.meta["source"],
-                            "sample": sample.key,
-                            "reason": "duplicate sample key (also made by unit "
-                            f"{seen[sample.key]})",
-                        },
-                    )
-                    continue
-                seen[sample.key] = unit.id
-                _add_sample(tar, sample.key, sample.members)
-                _count_sample(result.counts, sample.meta)
-            if result.volume is not None and cfg.volumes:
-                write_case(output, result.volume, split=spec.split, cfg=cfg)
-            merge_counts(counts, result.counts)
-            rejections.extend(result.rejections)
-        tar.close()
-        raw.flush()
-        os.fsync(raw.fileno())
+    spool = _Spool(tmp.with_name(tmp.name + "-slices"))
+    try:
+        with open(tmp, "wb") as raw:
+            sink = _HashingFile(raw)
+            tar = _TarWriter(sink)
+            for unit in spec.units:
+                result = encode_unit(reader, unit, split=spec.split, cfg=cfg)
+                for sample in result.samples:
+                    if sample.key in seen:
+                        # the same dataset/case/slice from two units: keep the first
+                        _reject(result, _duplicate(unit, sample, seen[sample.key]))
+                        continue
+                    seen[sample.key] = unit.id
+                    if result.volume is not None:
+                        spool.add(sample.key, sample.members)
+                    else:
+                        _add_sample(tar, sample.key, sample.members)
+                    _count_sample(result.counts, sample.meta)
+                if result.volume is not None and cfg.volumes:
+                    write_case(output, result.volume, split=spec.split, cfg=cfg)
+                merge_counts(counts, result.counts)
+                rejections.extend(result.rejections)
+            spool.drain(tar, seed=cfg.shuffle_seed)
+            tar.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+    finally:
+        spool.close()
     digest, size = sink.sha.hexdigest(), sink.size
     _publish(tmp, tar_path, digest)
     sidecar = {
@@ -424,6 +466,15 @@ def write_shard(reader: Reader, spec: ShardSpec, *, output: Path, cfg: ShardingC
     }
     atomic_write_text(spec.sidecar_path(output), json.dumps(sidecar, indent=1) + "\n")
     return sidecar
+
+
+def _duplicate(unit: Unit, sample: Sample, first: str) -> dict:
+    return {
+        "unit": unit.id,
+        "path": sample.meta["source"],
+        "sample": sample.key,
+        "reason": f"duplicate sample key (also made by unit {first})",
+    }
 
 
 def _publish(tmp: Path, final: Path, digest: str) -> None:

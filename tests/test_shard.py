@@ -764,3 +764,63 @@ def test_worker_reader_holds_only_its_units(fmt, tmp_path):
         a, b = reader.load(unit), pickle.loads(pickle.dumps(sub)).load(unit)
         assert np.array_equal(a.image, b.image) and np.array_equal(a.masks, b.masks)
         assert (a.class_ids, a.slice_index) == (b.class_ids, b.slice_index)
+
+
+def test_units_are_shuffled_by_seed_deterministically(tmp_path, capsys):
+    """Each split's inputs go to shards in a seeded random order: two runs write byte-identical
+    files, shards mix cases, another seed gives other shards of the same samples, and a rerun
+    with another seed (or on a plan made before the setting existed) is refused by name."""
+    corpus = synthetic.write_sa_med2d(tmp_path / "c", n_cases=8, slices_per_case=4, size=48, seed=3)
+    files, orders = {}, {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 5)):
+        out = tmp_path / name
+        assert shard("sa-med2d", corpus, out, "inputs_per_shard=4", f"shuffle_seed={seed}") == 0
+        files[name] = {
+            str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+        }
+        orders[name] = [
+            json.loads(files[name][s["path"].replace(".tar", ".json")])["units"]
+            for s in load_manifest(out)["shards"]
+        ]
+    assert files["a"] == files["b"]
+    units = [u for shard_units in orders["a"] for u in shard_units]
+    assert units != sorted(units) and orders["c"] != orders["a"]
+    # 4 inputs per shard: sorted, a shard held one case (4 slices); shuffled, most hold several
+    cases = [len({re.search(r"case_\d+", u).group() for u in s}) for s in orders["a"]]
+    assert sum(cases) / len(cases) > 2, cases
+    assert set(read_tars(tmp_path / "a")) == set(read_tars(tmp_path / "c"))
+    capsys.readouterr()
+    assert shard("sa-med2d", corpus, tmp_path / "a", "inputs_per_shard=4", "shuffle_seed=5") == 2
+    err = capsys.readouterr().err
+    assert "shuffle_seed=0" in err and "shuffle_seed=5" in err
+    plan_path = tmp_path / "a" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    del plan["settings"]["shuffle_seed"]
+    plan_path.write_text(json.dumps(plan))
+    assert shard("sa-med2d", corpus, tmp_path / "a", "inputs_per_shard=4") == 2
+    assert "without the setting shuffle_seed" in capsys.readouterr().err
+
+
+def test_slices_of_3d_cases_are_mixed_within_a_shard(tmp_path):
+    """A shard of 3D cases holds their slices in a seeded random order, not case after case (in
+    Z order, a shard of hundreds of slices per case is beyond any shuffle buffer), the same on a
+    rerun, and the temp file that parks them is gone."""
+    corpus = synthetic.write_nifti(tmp_path / "c", n_cases=6, shape=(8, 24, 24), seed=14)
+    orders = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert shard("nifti", corpus, out, "inputs_per_shard=3", "keep_empty_ratio=1") == 0
+        assert not list(out.rglob("*.tmp-*"))
+        manifest = load_manifest(out)
+        keys = [
+            [raw["__key__"] for raw in wds.WebDataset(str(out / s["path"]), shardshuffle=False)]
+            for s in manifest["shards"]
+        ]
+        orders.append(keys)
+    assert orders[0] == orders[1]
+    for keys in orders[0]:
+        cases = [k.rsplit("/", 2)[-2] for k in keys]
+        runs = 1 + sum(a != b for a, b in zip(cases, cases[1:], strict=False))
+        if len(set(cases)) > 1:
+            assert runs > 2 * len(set(cases)), cases  # not one run of slices per case
+    assert_written_as_read("nifti", corpus, tmp_path / "a", "keep_empty_ratio=1")
