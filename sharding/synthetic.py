@@ -1,7 +1,9 @@
 """Deterministic synthetic corpora in each input layout, for tests, benchmarks and the quickstart.
 
-Organs are discs, ellipses and rectangles of fixed intensity with noise on a noisy body. The same
-arguments always write the same files. ``synthetic_volume`` and ``synthetic_image`` give the
+Organs are irregular, concave shapes (lobed blobs, crescents, rings, branching arms) with their
+own texture, in weak contrast to a textured body (``sharding/synthetic_truth.py``), so that the
+trivial answer to a box prompt (the filled box) scores well below what a model can reach. The
+same arguments always write the same files. ``synthetic_volume`` and ``synthetic_image`` give the
 ground truth a reader must return (for volumes: the canonical (Z, Y, X) image and label, which the
 writers store in a non-canonical orientation).
 
@@ -15,27 +17,30 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import nibabel as nib
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence
-from pydicom.uid import (
-    CTImageStorage,
-    ExplicitVRLittleEndian,
-    SegmentationStorage,
-    generate_uid,
+
+from sharding.synthetic_dicom import write_dicom
+from sharding.synthetic_truth import (
+    ORGANS_2D,
+    VOLUME_LABELS,
+    fill_box_dice,
+    synthetic_image,
+    synthetic_volume,
+    volume_affine,
 )
 
 __all__ = [
     "ORGANS_2D",
     "VOLUME_LABELS",
+    "fill_box_dice",
     "synthetic_image",
     "synthetic_volume",
     "volume_affine",
+    "write_corpus",
     "write_dicom",
     "write_folder",
     "write_nifti",
@@ -44,51 +49,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ORGANS_2D = ("aorta", "gallbladder", "kidney_left", "liver", "spleen", "stomach")
-"""Class names of the 2D corpora (underscores on purpose: names are parsed from file names)."""
-VOLUME_LABELS = {1: "liver", 2: "kidney", 3: "spleen"}
-"""Label ids of the 3D corpora."""
-_VOLUME_HU = {1: 60, 2: 150, 3: 45}
-_VOLUME_MR = {1: 900, 2: 1400, 3: 600}
-_SPACING = (2.5, 0.8, 0.75)  # (z, y, x) mm
 _PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1]
-
-
-# ------------------------------------------------------------------------------------ 2D truth
-
-
-def _draw(canvas: np.ndarray, kind: int, cy: int, cx: int, ry: int, rx: int) -> None:
-    if kind == 0:
-        cv2.circle(canvas, (cx, cy), min(ry, rx), 1, thickness=-1)
-    elif kind == 1:
-        cv2.ellipse(canvas, (cx, cy), (rx, ry), 0, 0, 360, 1, thickness=-1)
-    else:
-        cv2.rectangle(canvas, (cx - rx, cy - ry), (cx + rx, cy + ry), 1, thickness=-1)
-
-
-def synthetic_image(
-    rng: np.random.Generator, height: int, width: int, n_masks: int
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One noisy grey image with ``n_masks`` non-empty organ masks.
-
-    Returns:
-      image uint8 (H, W); masks bool (N, H, W) (may overlap); class names (N,), drawn from
-      ``ORGANS_2D`` with repetition.
-    """
-    image = rng.normal(40, 8, size=(height, width))
-    masks = np.zeros((n_masks, height, width), dtype=np.uint8)
-    names = []
-    lo = max(2, min(height, width) // 16)
-    hi = max(lo + 1, min(height, width) // 5)
-    for i in range(n_masks):
-        ry, rx = (int(v) for v in rng.integers(lo, hi, size=2))
-        cy = int(rng.integers(ry, max(ry + 1, height - ry)))
-        cx = int(rng.integers(rx, max(rx + 1, width - rx)))
-        _draw(masks[i], int(rng.integers(0, 3)), cy, cx, ry, rx)
-        names.append(ORGANS_2D[int(rng.integers(0, len(ORGANS_2D)))])
-        image[masks[i] > 0] = rng.normal(80 + 25 * (i % 6), 6)
-    image += rng.normal(0, 4, size=image.shape)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), masks.astype(bool), names
 
 
 def _n_masks(rng: np.random.Generator, masks_per_image: tuple[int, int]) -> int:
@@ -196,58 +157,7 @@ def write_folder(
     return root
 
 
-# ------------------------------------------------------------------------------------ 3D truth
-
-
-def synthetic_volume(
-    index: int, shape: tuple[int, int, int], modality: str = "CT", seed: int = 0, quantum: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """The canonical (Z, Y, X) ground truth of case ``index``.
-
-    A body ellipse (CT ~0-40 HU in -1000 HU air; MR ~300 on 0) holding three ellipsoid organs
-    (labels ``VOLUME_LABELS``), with integer-valued noise.
-
-    Returns:
-      image float32 (Z, Y, X) of integers that are multiples of ``quantum`` (HU for CT); label
-      uint8 (Z, Y, X) with values 0..3 (every label present).
-    """
-    depth, height, width = shape
-    rng = np.random.default_rng([seed, index])
-    z, y, x = np.meshgrid(
-        np.linspace(-1, 1, depth),
-        np.linspace(-1, 1, height),
-        np.linspace(-1, 1, width),
-        indexing="ij",
-    )
-    ct = modality.strip().lower() == "ct"
-    body = (y / 0.9) ** 2 + (x / 0.95) ** 2 <= 1.0
-    image = np.where(body, 20.0 if ct else 300.0, -1000.0 if ct else 0.0)
-    label = np.zeros(shape, dtype=np.uint8)
-    centres = {1: (-0.2, 0.35), 2: (0.3, -0.4), 3: (-0.35, -0.3)}
-    values = _VOLUME_HU if ct else _VOLUME_MR
-    for lab, (cy, cx) in centres.items():
-        jitter = rng.uniform(-0.08, 0.08, size=2)
-        radius = rng.uniform(0.22, 0.3)
-        inside = ((y - cy - jitter[0]) ** 2 + (x - cx - jitter[1]) ** 2) / radius**2 + (
-            z / 1.2
-        ) ** 2 <= 1.0
-        label[inside] = lab
-        image[inside] = values[lab]
-    noise = rng.integers(-20, 21, size=shape) if ct else rng.integers(-60, 61, size=shape)
-    image = image + np.where(body, noise, 0)
-    if quantum > 1:
-        image = quantum * np.floor(image / quantum)
-    return image.astype(np.float32), label
-
-
-def volume_affine(index: int, shape: tuple[int, int, int]) -> np.ndarray:
-    """The canonical 4x4 affine of case ``index``: (z, y, x, 1) -> RAS mm (axis-aligned)."""
-    sz, sy, sx = _SPACING
-    affine = np.zeros((4, 4))
-    affine[0, 2], affine[1, 1], affine[2, 0] = sx, sy, sz
-    affine[:3, 3] = (-0.5 * shape[2] * sx + index, -0.5 * shape[1] * sy, -40.0 - 5.0 * index)
-    affine[3, 3] = 1.0
-    return affine
+# ------------------------------------------------------------------------------------ 3D
 
 
 def _stored_lps_like(index: int, data_zyx: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
@@ -321,185 +231,6 @@ def write_nifti(
         }
     (root / "dataset.json").write_text(json.dumps(meta, indent=1))
     return root
-
-
-def write_dicom(
-    root: str | Path,
-    *,
-    n_cases: int,
-    shape: tuple[int, int, int] = (6, 40, 48),
-    seed: int = 0,
-    label: str = "nifti",
-) -> Path:
-    """Write one CT series per case folder ``ROOT/case_NNN/`` with pydicom.
-
-    Truth: ``synthetic_volume(case, shape, "CT", seed, quantum=2)`` (canonical (Z, Y, X)), stored
-    as axial LPS slices (rows and columns flipped relative to the truth) of uint16 values with
-    RescaleSlope 1 / RescaleIntercept -1024 (even cases) or 2 / -2048 (odd cases). Files are named
-    in shuffled order (``.dcm`` for even cases, no extension for odd), with InstanceNumber shuffled
-    too, so only ImagePositionPatient gives the order.
-
-    Arguments:
-      label: "nifti" (``label.nii.gz`` in the series' (column, row, slice) grid, names in
-        ``ROOT/classes.json``), "seg" (a binary
-        DICOM-SEG ``seg.dcm``, one frame per segment and slice where it is present) or "none".
-
-    Returns:
-      ``root`` as a Path.
-    """
-    if label not in ("nifti", "seg", "none"):
-        raise ValueError(f"unknown label kind {label!r} (known: nifti, seg, none)")
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for case in range(n_cases):
-        image, lab = synthetic_volume(case, shape, "CT", seed, quantum=2)
-        _write_dicom_case(
-            root / f"case_{case:03d}",
-            image=image,
-            label=lab,
-            affine=volume_affine(case, shape),
-            case=case,
-            seed=seed,
-            label_kind=label,
-        )
-    if label == "nifti":
-        table = {str(i): n for i, n in VOLUME_LABELS.items()}
-        (root / "classes.json").write_text(json.dumps(table, indent=1))
-    return root
-
-
-def _ds(value: float) -> str:
-    """A DICOM DS string (<= 16 characters) of ``value``."""
-    text = f"{round(float(value), 6):.6f}".rstrip("0").rstrip(".")
-    return "0" if text in ("-0", "") else text
-
-
-def _dicom_base(uid_base: list, sop_class: str, instance: str) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = instance
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = instance
-    ds.StudyInstanceUID = generate_uid(entropy_srcs=[*uid_base, "study"])
-    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[*uid_base, "frame"])
-    ds.PatientID = str(uid_base[-1])
-    ds.PatientName = "Synthetic^Case"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelRepresentation = 0
-    return ds
-
-
-def _write_dicom_case(
-    folder: Path,
-    *,
-    image: np.ndarray,
-    label: np.ndarray,
-    affine: np.ndarray,
-    case: int,
-    seed: int,
-    label_kind: str,
-) -> None:
-    """Write one axial LPS CT series (and its label) whose canonical view is ``image``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    depth, height, width = image.shape
-    sz, sy, sx = _SPACING
-    slope, intercept = (1.0, -1024.0) if case % 2 == 0 else (2.0, -2048.0)
-    # DICOM pixel (k, r, c) is truth (k, H-1-r, W-1-c): rows run posterior, columns left (LPS)
-    stored_hu = image[:, ::-1, ::-1]
-    stored_lab = label[:, ::-1, ::-1]
-    affine_krc = affine.copy()
-    affine_krc[:, 1], affine_krc[:, 2] = -affine[:, 1], -affine[:, 2]
-    affine_krc[:, 3] = affine @ np.array([0.0, height - 1, width - 1, 1.0])
-
-    def ipp(k: int) -> list[str]:
-        ras = affine_krc @ np.array([k, 0.0, 0.0, 1.0])
-        return [_ds(-ras[0]), _ds(-ras[1]), _ds(ras[2])]
-
-    uid_base = [str(seed), f"case_{case:03d}"]
-    series_uid = generate_uid(entropy_srcs=[*uid_base, "series"])
-    order = np.random.default_rng([seed, case, 7]).permutation(depth)
-    suffix = ".dcm" if case % 2 == 0 else ""
-    for k in range(depth):
-        instance = generate_uid(entropy_srcs=[*uid_base, "slice", str(k)])
-        ds = _dicom_base(uid_base, CTImageStorage, instance)
-        ds.Modality = "CT"
-        ds.SeriesInstanceUID = series_uid
-        ds.InstanceNumber = int(order[k]) + 1
-        ds.ImagePositionPatient = ipp(k)
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.PixelSpacing = [_ds(sy), _ds(sx)]
-        ds.SliceThickness = _ds(sz)
-        ds.Rows, ds.Columns = height, width
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.RescaleSlope, ds.RescaleIntercept = _ds(slope), _ds(intercept)
-        values = np.rint((stored_hu[k] - intercept) / slope).astype("<u2")
-        ds.PixelData = values.tobytes()
-        ds.save_as(str(folder / f"IM{int(order[k]):04d}{suffix}"), enforce_file_format=True)
-    if label_kind == "nifti":
-        # the series' own (column, row, slice) grid, RAS affine: what a DICOM converter writes
-        affine_crk = affine_krc[:, [2, 1, 0, 3]]
-        data = np.ascontiguousarray(stored_lab.transpose(2, 1, 0))
-        nib.save(nib.Nifti1Image(data, affine_crk), str(folder / "label.nii.gz"))
-    elif label_kind == "seg":
-        _write_dicom_seg(folder / "seg.dcm", label=stored_lab, ipp=ipp, uid_base=uid_base)
-
-def _write_dicom_seg(
-    path: Path,
-    *,
-    label: np.ndarray,
-    ipp: Callable[[int], list[str]],
-    uid_base: list[str],
-) -> None:
-    """A binary DICOM SEG of ``label`` (stored (k, row, col) order): one frame per segment and
-    slice with foreground, positioned by ``ipp(k)``."""
-    depth, height, width = label.shape
-    sz, sy, sx = _SPACING
-    frames, groups = [], []
-    for number in sorted(VOLUME_LABELS):
-        for k in range(depth):
-            frame = label[k] == number
-            if not frame.any():
-                continue
-            frames.append(frame)
-            group = Dataset()
-            ident = Dataset()
-            ident.ReferencedSegmentNumber = number
-            group.SegmentIdentificationSequence = Sequence([ident])
-            pos = Dataset()
-            pos.ImagePositionPatient = ipp(k)
-            group.PlanePositionSequence = Sequence([pos])
-            groups.append(group)
-    instance = generate_uid(entropy_srcs=[*uid_base, "seg"])
-    seg = _dicom_base(uid_base, SegmentationStorage, instance)
-    seg.Modality = "SEG"
-    seg.SeriesInstanceUID = generate_uid(entropy_srcs=[*uid_base, "seg-series"])
-    seg.SegmentationType = "BINARY"
-    seg.Rows, seg.Columns = height, width
-    seg.BitsAllocated, seg.BitsStored, seg.HighBit = 1, 1, 0
-    seg.NumberOfFrames = len(frames)
-    segments = []
-    for number, name in sorted(VOLUME_LABELS.items()):
-        item = Dataset()
-        item.SegmentNumber = number
-        item.SegmentLabel = name
-        item.SegmentAlgorithmType = "MANUAL"
-        segments.append(item)
-    seg.SegmentSequence = Sequence(segments)
-    shared, orient, measures = Dataset(), Dataset(), Dataset()
-    orient.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    measures.PixelSpacing = [_ds(sy), _ds(sx)]
-    measures.SliceThickness = _ds(sz)
-    shared.PlaneOrientationSequence = Sequence([orient])
-    shared.PixelMeasuresSequence = Sequence([measures])
-    seg.SharedFunctionalGroupsSequence = Sequence([shared])
-    seg.PerFrameFunctionalGroupsSequence = Sequence(groups)
-    packed = np.packbits(np.stack(frames).reshape(-1), bitorder="little").tobytes()
-    seg.PixelData = packed + (b"\0" if len(packed) % 2 else b"")
-    seg.save_as(str(path), enforce_file_format=True)
 
 
 # ------------------------------------------------------------------------------------ by name

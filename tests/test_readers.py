@@ -542,3 +542,51 @@ def test_dicom_real_pydicom_test_files(tmp_path):
     with pytest.raises(RejectedInput) as err:
         reader.load(units[1])
     assert err.value.path == str(tmp_path / "mr_case" / "MR1")
+
+
+# ------------------------------------------------------------------------------- shapes
+
+
+def _box_dice(mask: np.ndarray) -> float:
+    """Dice of the filled tight bounding box against the mask (computed here, not by the
+    generator's own helper)."""
+    ys, xs = np.nonzero(mask)
+    box = np.zeros_like(mask, dtype=bool)
+    box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+    return 2.0 * np.logical_and(box, mask).sum() / (box.sum() + mask.sum())
+
+
+def test_synthetic_shapes_need_a_model(tmp_path):
+    """Filling the prompt box must not already segment the synthetic organs (mean Dice < 0.7;
+    ~0.9 on the discs and ellipses of earlier versions), in 2D and in volume slices; the masks
+    are real shapes (not empty, not a few pixels), in weak contrast to their surroundings."""
+    root = synthetic.write_sa_med2d(tmp_path / "sa", n_cases=6, slices_per_case=4, size=128)
+    reader = get_reader("sa-med2d", root, cfg=CFG)
+    dice, contrast = [], []
+    for unit in reader.list_units():
+        item = reader.load(unit)
+        image = item.image.astype(np.float64)
+        for mask in item.masks:
+            ys, xs = np.nonzero(mask)
+            assert mask.sum() >= 0.002 * mask.size, "a mask of a few pixels"
+            assert np.ptp(ys) >= 4 and np.ptp(xs) >= 4
+            dice.append(_box_dice(mask))
+            ring = cv2.dilate(mask.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+            ring &= ~mask
+            contrast.append(abs(image[mask].mean() - image[ring].mean()))
+    assert len(dice) >= 50
+    assert np.mean(dice) < 0.7, np.mean(dice)
+    # an organ differs from its surroundings by a few noise sd, not by a hard step
+    assert 4.0 < np.median(contrast) < 30.0, np.median(contrast)
+    vdice = []
+    for case in range(3):
+        _, label = synthetic_volume(case, (8, 64, 64), "CT")
+        assert set(np.unique(label)) == {0, 1, 2, 3}
+        for k in range(label.shape[0]):
+            assert label[k].any(), "every slice holds an organ"
+            vdice += [_box_dice(label[k] == i) for i in (1, 2, 3) if (label[k] == i).any()]
+    assert np.mean(vdice) < 0.7, np.mean(vdice)
+    # generation is deterministic per seed
+    again = synthetic.write_sa_med2d(tmp_path / "sa2", n_cases=6, slices_per_case=4, size=128)
+    files = sorted(p.relative_to(root) for p in root.rglob("*.png"))
+    assert all((root / f).read_bytes() == (again / f).read_bytes() for f in files)
