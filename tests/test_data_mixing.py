@@ -117,7 +117,12 @@ def test_open_shards_mix_shards_written_case_by_case(tmp_path):
 
 def _fingerprint(batches: list[dict]) -> list:
     return [
-        (b["keys"], [m["padding"] for m in b["meta"]], b["image"].sum().item(), b["boxes"].sum().item())
+        (
+            b["keys"],
+            [m["padding"] for m in b["meta"]],
+            b["image"].sum().item(),
+            b["boxes"].sum().item(),
+        )
         for b in batches
     ]
 
