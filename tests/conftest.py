@@ -22,7 +22,7 @@ SMALL_SIZE = 64
 
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory) -> Path:
-    """A learnable shape corpus (bright shapes on noise, SA-Med2D layout), sharded at 64 px."""
+    """A learnable shape corpus (irregular textured shapes, SA-Med2D layout), sharded at 64 px."""
     from samadapt.config import load_config
     from sharding.run import run_shard
     from sharding.synthetic import write_sa_med2d

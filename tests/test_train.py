@@ -1,6 +1,6 @@
 """``samadapt train`` end to end: 2 CPU ranks, real DeepSpeed (gloo), real shards, real MLflow.
 
-A tiny SAM learns a shape task (bright discs and boxes on noise) from shards made in tmp_path.
+A tiny SAM learns a shape task (irregular textured shapes) from shards made in tmp_path.
 """
 
 from __future__ import annotations
