@@ -44,7 +44,7 @@ SIZE = 32
 
 def ensure_shards(fmt: str, *, cases: int, slices: int, per_shard: int) -> Path:
     """The cached shard set of a synthetic corpus (written and sharded on first use)."""
-    from pipeline.config import ShardingConfig
+    from sharding.config import ShardingConfig
     from sharding.format import FORMAT_VERSION
     from sharding.run import run_shard
     from sharding.synthetic import write_nifti
@@ -75,7 +75,6 @@ def stream_cases(shards: Path, args: argparse.Namespace, open_shards: int) -> li
 
     cfg = DataConfig(
         shards=str(shards),
-        image_size=SIZE,
         batch_size=args.batch_size,
         num_workers=args.workers,
         shuffle_buffer=args.shuffle_buffer,
@@ -85,7 +84,13 @@ def stream_cases(shards: Path, args: argparse.Namespace, open_shards: int) -> li
     epochs = []
     for epoch in range(args.epochs):
         loader = build_train_loader(
-            cfg=cfg, rank=0, world_size=1, epoch=epoch, equalize=False, keep_empty=True
+            cfg=cfg,
+            image_size=SIZE,
+            rank=0,
+            world_size=1,
+            epoch=epoch,
+            equalize=False,
+            keep_empty=True,
         )
         batches = [[case_of(m) for m in b["meta"]] for b in loader]
         epochs.append([b for b in batches if len(b) == args.batch_size])

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from shardkit import write_shards  # noqa: E402
 
-from pipeline.config import DataConfig, load_config  # noqa: E402
+from pipeline.config import DataConfig  # noqa: E402
 from pipeline.data.mixing import (  # noqa: E402
     distinct_cases,
     same_case_pairs,
@@ -25,6 +25,7 @@ from pipeline.data.mixing import (  # noqa: E402
 )
 from pipeline.data.samples import SampleError  # noqa: E402
 from pipeline.data.stream import build_train_loader  # noqa: E402
+from samadapt.config import load_config  # noqa: E402
 from sharding.run import run_shard  # noqa: E402
 from sharding.synthetic import write_sa_med2d  # noqa: E402
 
@@ -49,7 +50,6 @@ def real_shards(tmp_path_factory) -> Path:
 def _cfg(out: Path, **kw) -> DataConfig:
     base = dict(
         shards=str(out),
-        image_size=S,
         batch_size=4,
         num_workers=0,
         shuffle_buffer=6,  # 1/5 of a shard, as 500 samples are of a ~25k-sample 1000 MB shard
@@ -70,12 +70,17 @@ def _batch_cases(batches: list[dict]) -> list[list[str]]:
     ]
 
 
-def _composition(cfg: DataConfig) -> tuple[float, float, float, float]:
+def _train_loader(cfg: DataConfig, size: int = S, **kw):
+    """The train loader at the shards' image size (``model.image_size`` in a run)."""
+    return build_train_loader(cfg=cfg, image_size=size, **kw)
+
+
+def _composition(cfg: DataConfig, size: int = S) -> tuple[float, float, float, float]:
     """(same-case pairs per batch, distinct cases in the first batches) of the stream over
     ``EPOCHS`` epochs, and their uniform-shuffle expectations."""
     pairs, distinct, sizes = [], [], Counter()
     for epoch in range(EPOCHS):
-        loader = build_train_loader(cfg=cfg, rank=0, world_size=1, epoch=epoch, equalize=False)
+        loader = _train_loader(cfg, size, rank=0, world_size=1, epoch=epoch, equalize=False)
         cases = _batch_cases(list(loader))
         pairs.append(same_case_pairs(cases))
         distinct.append(distinct_cases(cases, FIRST))
@@ -110,8 +115,8 @@ def test_open_shards_mix_shards_written_case_by_case(tmp_path):
     slices of one case in a batch than reading them one after another (measured: 3.7 -> 0.6
     same-case pairs per batch of 4, uniform 0.08)."""
     write_shards(tmp_path, splits={"train": [30] * 12}, image_size=16, slices_per_case=6)
-    one = _composition(_cfg(tmp_path, open_shards=1, shuffle_buffer=2, image_size=16))
-    four = _composition(_cfg(tmp_path, open_shards=4, shuffle_buffer=2, image_size=16))
+    one = _composition(_cfg(tmp_path, open_shards=1, shuffle_buffer=2), size=16)
+    four = _composition(_cfg(tmp_path, open_shards=4, shuffle_buffer=2), size=16)
     assert four[0] < 0.25 * one[0], (four, one)
 
 
@@ -133,17 +138,17 @@ def test_same_stream_twice_and_exact_resume_mid_epoch(real_shards):
     trainer does on resume: data position = epoch + batches taken) continues exactly."""
     cfg = _cfg(real_shards, num_workers=2, open_shards=3, batch_size=3)
     for epoch in (0, 1):
-        full = list(build_train_loader(cfg=cfg, rank=1, world_size=2, epoch=epoch))
-        again = list(build_train_loader(cfg=cfg, rank=1, world_size=2, epoch=epoch))
+        full = list(_train_loader(cfg, rank=1, world_size=2, epoch=epoch))
+        again = list(_train_loader(cfg, rank=1, world_size=2, epoch=epoch))
         assert _fingerprint(again) == _fingerprint(full)
         for a, b in zip(full, again, strict=True):
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["masks"], b["masks"])
         for k in (1, len(full) // 2):
-            it = iter(build_train_loader(cfg=cfg, rank=1, world_size=2, epoch=epoch))
+            it = iter(_train_loader(cfg, rank=1, world_size=2, epoch=epoch))
             for _ in range(k):
                 next(it)
             assert _fingerprint(list(it)) == _fingerprint(full[k:])
-    other = list(build_train_loader(cfg=cfg, rank=1, world_size=2, epoch=2))
+    other = list(_train_loader(cfg, rank=1, world_size=2, epoch=2))
     assert _fingerprint(other) != _fingerprint(full)
 
 
@@ -158,4 +163,4 @@ def test_interleaved_shards_are_still_checked(real_shards, tmp_path):
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(SampleError, match=f"shard {shard}: sha256"):
-        list(build_train_loader(cfg=_cfg(root, open_shards=4), rank=0, world_size=1))
+        list(_train_loader(_cfg(root, open_shards=4), rank=0, world_size=1))
