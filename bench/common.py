@@ -79,7 +79,8 @@ def ensure_corpus(*, cases: int, slices: int, size: int = 512, seed: int = 0) ->
     """
     from sharding.synthetic import write_sa_med2d
 
-    root = CACHE / f"corpus-sa-med2d-{cases}x{slices}-{size}px-seed{seed}"
+    # "shapes2": the irregular textured organs; corpora of the earlier discs are not reused
+    root = CACHE / f"corpus-sa-med2d-{cases}x{slices}-{size}px-seed{seed}-shapes2"
     if (root / ".complete").exists():
         return root
     tmp = root.with_name(root.name + ".tmp")
