@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.data.collate import collate, label_map
-from pipeline.data.prompts import boxes_from_masks, points_from_masks, tight_boxes
+from pipeline.data.prompts import (
+    boxes_from_masks,
+    component_boxes,
+    points_from_masks,
+    tight_boxes,
+)
 
 
 def _masks(rng: np.random.Generator, m: int, h: int, w: int) -> np.ndarray:
@@ -23,20 +30,89 @@ def _masks(rng: np.random.Generator, m: int, h: int, w: int) -> np.ndarray:
 
 
 def _reference_box(mask: np.ndarray) -> list[int]:
+    """regionprops' bbox convention: maxima exclusive."""
     ys, xs = np.nonzero(mask)
-    return [xs.min(), ys.min(), xs.max(), ys.max()]
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
-def test_tight_boxes_exact_with_zero_jitter():
+def _reference_component_box(mask: np.ndarray) -> list[int]:
+    """SAM-Med2D's box, spelled out: ``skimage.measure.label`` (8-connectivity, components
+    numbered in the raster order of their first pixel) + ``regionprops``, sorted by area with
+    Python's stable sort (a tie goes to the lowest label); bbox maxima exclusive."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    best: tuple[int, list[int]] | None = None
+    for r0 in range(h):
+        for c0 in range(w):
+            if not mask[r0, c0] or seen[r0, c0]:
+                continue
+            seen[r0, c0] = True
+            todo, area, box = deque([(r0, c0)]), 0, [c0, r0, c0 + 1, r0 + 1]
+            while todo:
+                r, c = todo.popleft()
+                area += 1
+                box = [min(box[0], c), min(box[1], r), max(box[2], c + 1), max(box[3], r + 1)]
+                for dr in (-1, 0, 1):
+                    for dc in (-1, 0, 1):
+                        rr, cc = r + dr, c + dc
+                        if 0 <= rr < h and 0 <= cc < w and mask[rr, cc] and not seen[rr, cc]:
+                            seen[rr, cc] = True
+                            todo.append((rr, cc))
+            if best is None or area > best[0]:
+                best = (area, box)
+    assert best is not None
+    return best[1]
+
+
+def test_whole_mask_boxes_exact_with_zero_jitter():
     rng = np.random.default_rng(0)
     masks = _masks(rng, 50, 24, 31)
-    boxes = boxes_from_masks(masks, jitter=0, rng=rng)
+    boxes = boxes_from_masks(masks, jitter=0, rng=rng, box_from="whole_mask")
     assert boxes.shape == (50, 4) and boxes.dtype == np.float32
     for mask, box in zip(masks, boxes, strict=True):
         assert box.tolist() == _reference_box(mask)
     one = np.zeros((1, 10, 12), np.uint8)
     one[0, 3, 5] = 1
-    assert boxes_from_masks(one, jitter=0, rng=rng).tolist() == [[5, 3, 5, 3]]
+    for box_from in ("whole_mask", "largest_component"):
+        got = boxes_from_masks(one, jitter=0, rng=rng, box_from=box_from)
+        assert got.tolist() == [[5, 3, 6, 4]]  # regionprops' bbox: one pixel is 1 x 1
+    full = np.ones((1, 10, 12), np.uint8)  # a mask touching every border: the image's box
+    assert boxes_from_masks(full, jitter=0, rng=rng).tolist() == [[0, 0, 12, 10]]
+    with pytest.raises(ValueError, match="box_from"):
+        boxes_from_masks(one, jitter=0, rng=rng, box_from="whole")
+
+
+def test_largest_component_boxes_match_sam_med2d_rule():
+    rng = np.random.default_rng(10)
+    masks = _masks(rng, 120, 24, 31)  # 60 % density blobs: most have several components
+    # hand-made cases: 8-connectivity (a diagonal is one component), ties by raster order
+    extra = np.zeros((4, 24, 31), np.uint8)
+    extra[0, np.arange(10), np.arange(10)] = 1  # diagonal: one component, not ten
+    extra[0, 20:22, 25:29] = 1  # smaller (8 px) than the diagonal (10 px)
+    extra[1, 5:7, 20:23] = 1  # 6 px, first in raster order (row 5)
+    extra[1, 10:13, 2:4] = 1  # 6 px, same area, later first pixel, further left
+    # 2 px each; raster order meets row 0 first, OpenCV's 2-row block scan meets column 0 first
+    extra[2, 0, 5:7] = 1
+    extra[2, 1:3, 0] = 1
+    extra[3, 3:9, 3:9] = 1  # a ring and a larger speck inside does not merge with it
+    extra[3, 4:8, 4:8] = 0
+    extra[3, 5:7, 5:7] = 1
+    masks = np.concatenate([masks, extra])
+    boxes = boxes_from_masks(masks, jitter=0, rng=rng)
+    for i, (mask, box) in enumerate(zip(masks, boxes, strict=True)):
+        assert box.tolist() == _reference_component_box(mask), i
+    assert boxes[-4].tolist() == [0, 0, 10, 10]
+    assert boxes[-3].tolist() == [20, 5, 23, 7]
+    assert boxes[-2].tolist() == [5, 0, 7, 1]
+    assert boxes[-1].tolist() == [3, 3, 9, 9]
+    # the rule matters on these masks: the whole-mask box differs for many of them
+    whole = boxes_from_masks(masks, jitter=0, rng=rng, box_from="whole_mask")
+    assert (whole != boxes).any(axis=1).sum() > 20
+    # repeats, bool masks and a precomputed whole-mask box give the same boxes
+    index = np.array([3, 121, 3, 0])
+    tight = tight_boxes(masks, index)
+    np.testing.assert_array_equal(component_boxes(masks, index, tight=tight), boxes[index])
+    np.testing.assert_array_equal(component_boxes(masks.astype(bool), index), boxes[index])
 
 
 def test_jittered_boxes_stay_within_the_limit():
@@ -44,23 +120,42 @@ def test_jittered_boxes_stay_within_the_limit():
     h, w, jitter = 40, 48, 5
     masks = _masks(rng, 400, h, w)
     tight, _ = tight_boxes(masks)
-    boxes = boxes_from_masks(masks, jitter=jitter, rng=rng).astype(np.int64)
-    size = np.minimum(tight[:, 2] - tight[:, 0] + 1, tight[:, 3] - tight[:, 1] + 1)
+    boxes = boxes_from_masks(masks, jitter=jitter, rng=rng, box_from="whole_mask")
+    boxes = boxes.astype(np.int64)
+    size = np.minimum(tight[:, 2] - tight[:, 0], tight[:, 3] - tight[:, 1])
     limit = np.minimum(jitter, (0.5 * size).astype(int))
     shift = boxes - tight
     assert (np.abs(shift) <= limit[:, None]).all()
     assert (shift <= np.maximum(limit - 1, 0)[:, None]).all()  # [-n, n): never +n
-    # one shift per axis: both corners move together unless clipped at the image border
-    inside = (boxes[:, 0] > 0) & (boxes[:, 2] < w - 1) & (boxes[:, 1] > 0) & (boxes[:, 3] < h - 1)
-    assert (shift[inside, 0] == shift[inside, 2]).all()
-    assert (shift[inside, 1] == shift[inside, 3]).all()
-    assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= w - 1).all()
-    assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= h - 1).all()
+    # one shift per axis, both corners together, never clipped (SAM-Med2D does not clip)
+    assert (shift[:, 0] == shift[:, 2]).all()
+    assert (shift[:, 1] == shift[:, 3]).all()
+    outside = (boxes[:, :2] < 0).any(axis=1) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
+    assert outside.any()
+    assert (boxes[:, 0::2] >= -jitter).all() and (boxes[:, 0::2] <= w + jitter).all()
+    assert (boxes[:, 1::2] >= -jitter).all() and (boxes[:, 1::2] <= h + jitter).all()
     # big masks do get shifted, over the whole range
     big = limit == jitter
-    assert shift[big & inside, 0].min() == -jitter and shift[big & inside, 0].max() == jitter - 1
+    assert shift[big, 0].min() == -jitter and shift[big, 0].max() == jitter - 1
     # tiny masks (min side < 2) never move
     assert (shift[size < 2] == 0).all()
+
+
+def test_jitter_limit_follows_the_component_box():
+    # a 3 x 3 square and a 20 x 20 one: the prompt is the big one's box, and its noise limit
+    # min(5, int(20 * 0.1 * 5)) = 5; the whole-mask box would give the same limit, so also a
+    # mask whose largest component is thin: limit int(2 * 0.5) = 1, shifts in [-1, 1) only
+    mask = np.zeros((2, 64, 64), np.uint8)
+    mask[0, 2:5, 2:5] = 1
+    mask[0, 30:50, 30:50] = 1
+    mask[1, 10:12, 5:60] = 1  # 2 x 55 bar: its limit is 1
+    mask[1, 40, 40] = 1  # a speck far away makes the whole-mask box 31 x 55 (limit 5)
+    rng = np.random.default_rng(3)
+    index = np.repeat(np.arange(2), 500)
+    boxes = boxes_from_masks(mask, jitter=5, rng=rng, index=index).astype(np.int64)
+    shift = boxes - component_boxes(mask, index)
+    assert shift[:500].min() == -5 and shift[:500].max() == 4
+    assert set(np.unique(shift[500:]).tolist()) == {-1, 0}
 
 
 def test_points_fall_on_foreground():
@@ -86,7 +181,7 @@ def test_empty_mask_gets_background_point_and_whole_image_box():
     assert labels.tolist() == [[0, 0, 0], [1, 1, 1]]
     assert (coords[0, :, 0] <= 10).all() and (coords[0, :, 1] <= 8).all()
     boxes = boxes_from_masks(masks, jitter=5, rng=rng)
-    assert boxes[0].tolist() == [0, 0, 10, 8]
+    assert boxes[0].tolist() == [0, 0, 11, 9]
     none = np.zeros((0, 9, 11), np.uint8)
     assert boxes_from_masks(none, jitter=5, rng=rng).shape == (0, 4)
     c, lab = points_from_masks(none, n=2, rng=rng)
@@ -180,7 +275,7 @@ def test_prompts_of_indexed_rows_equal_prompts_of_the_rows():
     assert empty.tolist() == [False, False, False, True, False, False]
     for j in (0, 1, 2, 4, 5):
         assert boxes[j].tolist() == _reference_box(rows[j])
-    assert boxes[3].tolist() == [0, 0, 23, 19]
+    assert boxes[3].tolist() == [0, 0, 24, 20]
     a = boxes_from_masks(masks, jitter=4, rng=np.random.default_rng(1), index=index)
     b = boxes_from_masks(rows, jitter=4, rng=np.random.default_rng(1))
     np.testing.assert_array_equal(a, b)

@@ -19,6 +19,7 @@ from shardkit import write_shards  # noqa: E402
 from configtree import ConfigError  # noqa: E402
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.data.collate import label_map  # noqa: E402
+from pipeline.data.prompts import component_boxes  # noqa: E402
 from pipeline.data.samples import SampleError, decode  # noqa: E402
 from pipeline.data.stream import (  # noqa: E402
     build_eval_loader,
@@ -228,9 +229,12 @@ def test_prompts_in_batches_match_masks(shards):
         b, m = masks.shape[:2]
         assert batch["boxes"].shape == (b, m, 4) and batch["point_labels"].shape == (b, m, 2)
         for i in range(b):
+            # SAM-Med2D's box: its largest component's (test_data_prompts checks that rule)
+            assert batch["boxes"][i].tolist() == component_boxes(masks[i]).tolist()
             for j in range(m):
                 ys, xs = np.nonzero(masks[i, j])
-                assert batch["boxes"][i, j].tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
+                x0, y0, x1, y1 = batch["boxes"][i, j].tolist()
+                assert xs.min() <= x0 < x1 <= xs.max() + 1 and ys.min() <= y0 < y1 <= ys.max() + 1
                 for x, y in batch["point_coords"][i, j].long().tolist():
                     assert masks[i, j, y, x] == 1
         assert (batch["point_labels"] == 1).all()

@@ -10,7 +10,7 @@ A *sample* is what the reader's map stage makes of one shard sample (see ``strea
     mask_index   (M,) int64          optional: the sample's masks are masks[mask_index] (the
                                      reader passes the decoded stack and the drawn rows, so each
                                      drawn mask is copied once, straight into the batch)
-    boxes        (M, 4) float32      x0, y0, x1, y1 (inclusive)
+    boxes        (M, 4) float32      x0, y0, x1, y1 (maxima exclusive)
     point_coords (M, n, 2) float32   x, y
     point_labels (M, n) int64        1 foreground, 0 background
     class_ids    (M,) int64

@@ -1,22 +1,44 @@
-"""Prompts from masks: boxes and points (numpy, one ``cv2.boundingRect`` per distinct mask).
+"""Prompts from masks: boxes and points (numpy and OpenCV, one pass per distinct mask).
 
-Conventions (the same as ``segment_anything``'s own ``batched_mask_to_box`` and predictor):
+Conventions (SAM-Med2D's ``get_boxes_from_mask`` / ``init_point_sampling``, utils.py, called by
+its ``TrainingDataset`` on each mask after the resize to the model's input size, i.e. in the frame
+our shards are stored in):
 
-* a box is ``(x0, y0, x1, y1)`` in pixels with **inclusive** maxima: a mask whose only pixel is
-  ``(row=3, col=5)`` has the box ``(5, 3, 5, 3)``. Box of an empty mask: the whole image
-  ``(0, 0, W - 1, H - 1)`` (interactive training never sees empty masks: the reader skips them).
-* the box is the tight box of the **whole** mask (all connected components), not of the largest
-  component as SAM-Med2D does with ``skimage.measure.regionprops``: masks in our shards are one
-  structure each, and the whole-mask box never hides a part of the target from the prompt.
-* a point is ``(x, y)`` = ``(col, row)`` of a pixel; label 1 = foreground, 0 = background.
+* a box is ``(x0, y0, x1, y1)`` in pixels with an **exclusive** maximum, as
+  ``skimage.measure.regionprops``' ``bbox``: a mask whose only pixel is ``(row=3, col=5)`` has
+  the box ``(5, 3, 6, 4)``, and ``x1 - x0`` is the width in pixels. (``segment_anything``'s own
+  ``batched_mask_to_box`` is inclusive, one pixel smaller; SAM-Med2D trains with the exclusive
+  box.) The box of an empty mask is the whole image ``(0, 0, W, H)`` (SAM-Med2D fails on empty
+  masks; interactive training never sees them: the reader skips them).
+* ``box_from="largest_component"`` (SAM-Med2D): the box of the mask's largest 8-connected
+  component (``skimage.measure.label``'s default full connectivity); a tie goes to the component
+  met first in raster order (skimage numbers components in that order and Python's sort is
+  stable). ``"whole_mask"``: the box of all foreground pixels.
+* a point is ``(x, y)`` = ``(col, row)`` of a pixel, uniform over the **whole** mask's foreground;
+  label 1 = foreground, 0 = background.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import cv2
 import numpy as np
 
-__all__ = ["boxes_from_masks", "points_from_masks", "tight_boxes"]
+__all__ = [
+    "BOX_FROM",
+    "BoxFrom",
+    "boxes_from_masks",
+    "component_boxes",
+    "points_from_masks",
+    "tight_boxes",
+]
+
+BoxFrom = Literal["largest_component", "whole_mask"]
+BOX_FROM: tuple[str, ...] = ("largest_component", "whole_mask")
+
+# SAM-Med2D's jitter: the limit is int(min(w, h) * std * 5) pixels, std = 0.1 (get_boxes_from_mask)
+_JITTER_STD = 0.1
 
 
 def _rows(masks: np.ndarray, index: np.ndarray | None) -> np.ndarray:
@@ -43,7 +65,7 @@ def _bytes(mask: np.ndarray) -> np.ndarray:
 def tight_boxes(
     masks: np.ndarray, index: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Tight inclusive boxes of each mask (or of the masks ``index`` picks).
+    """The box of all foreground pixels of each mask (or of the masks ``index`` picks).
 
     Each distinct mask is scanned once (``cv2.boundingRect`` of its nonzero pixels), however many
     times ``index`` repeats it.
@@ -53,7 +75,7 @@ def tight_boxes(
       index: (M,) rows of ``masks`` (repeats allowed); None = every row (M = N).
 
     Returns:
-      boxes: (M, 4) int64 ``x0, y0, x1, y1`` (whole image for empty masks).
+      boxes: (M, 4) int64 ``x0, y0, x1, y1``, maxima exclusive (``(0, 0, W, H)`` when empty).
       empty: (M,) bool, True where a mask has no foreground pixel.
     """
     rows = _rows(masks, index)
@@ -66,9 +88,93 @@ def tight_boxes(
     empty = rects[:, 2] == 0
     boxes = np.empty((rows.size, 4), dtype=np.int64)
     boxes[:, :2] = rects[:, :2]
-    boxes[:, 2:] = rects[:, :2] + rects[:, 2:] - 1
-    boxes[empty] = (0, 0, w - 1, h - 1)
+    boxes[:, 2:] = rects[:, :2] + rects[:, 2:]
+    boxes[empty] = (0, 0, w, h)
     return boxes, empty
+
+
+def _labelled_largest(crop: np.ndarray) -> tuple[int, int, int, int]:
+    """``(x, y, width, height)`` of the largest 8-connected component of ``crop``, by labelling.
+
+    Ties go to the component whose first pixel comes first in raster order (SAM-Med2D's choice,
+    through skimage's label numbering and a stable sort). OpenCV numbers labels in the order of
+    its 2-row block scan, not the raster order, so ties are settled from the label image.
+    """
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(crop, connectivity=8, ltype=cv2.CV_32S)
+    area = stats[1:, cv2.CC_STAT_AREA]
+    best = np.flatnonzero(area == area.max()) + 1
+    if best.size > 1:
+        flat = labels.reshape(-1)
+        best = best[np.argmin([np.argmax(flat == label) for label in best.tolist()])]
+    else:
+        best = best[0]
+    x, y, bw, bh = stats[best, :4].tolist()
+    return x, y, bw, bh
+
+
+def _largest_component(crop: np.ndarray) -> tuple[int, int, int, int]:
+    """``(x, y, width, height)`` in ``crop`` (a mask's whole-mask box, uint8) of its largest
+    8-connected foreground component.
+
+    Border following (``cv2.findContours``, several times cheaper than labelling with
+    statistics) finds the components: their outer borders are the top level of ``RETR_CCOMP``
+    (holes below; a component inside another's hole is top level too), and a component's outer
+    border holds its extreme pixels, so its bounding rectangle is the component's box. One
+    component (the common case): the crop itself. Several: the component with the largest box is
+    the largest if its longer box side (a connected component has a pixel in every row and column
+    of its box) exceeds the area of every other component's box (a structure and a few specks);
+    otherwise the components are labelled and counted (``_labelled_largest``).
+    """
+    # a zero frame: findContours must see background beyond every border pixel
+    framed = cv2.copyMakeBorder(crop, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    contours, hierarchy = cv2.findContours(framed, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    outer = [c for c, link in zip(contours, hierarchy[0], strict=True) if link[3] < 0]
+    if len(outer) == 1:
+        return 0, 0, crop.shape[1], crop.shape[0]
+    rects = [cv2.boundingRect(c) for c in outer]
+    upper = [bw * bh for _, _, bw, bh in rects]  # no component has more pixels than its box
+    top = max(range(len(rects)), key=upper.__getitem__)
+    runner_up = max(u for i, u in enumerate(upper) if i != top)
+    x, y, bw, bh = rects[top]
+    if max(bw, bh) > runner_up:  # fewest pixels the top component can have > most of any other
+        return x - 1, y - 1, bw, bh
+    return _labelled_largest(crop)
+
+
+def component_boxes(
+    masks: np.ndarray,
+    index: np.ndarray | None = None,
+    *,
+    tight: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """The box of the largest 8-connected component of each mask (SAM-Med2D's box).
+
+    Each distinct mask is looked at once, within its whole-mask box only (a mask's components all
+    lie there): see ``_largest_component``.
+
+    Arguments:
+      masks: (N, H, W) array, nonzero = foreground.
+      index: (M,) rows of ``masks`` (repeats allowed); None = every row.
+      tight: ``tight_boxes(masks, index)`` if already computed.
+
+    Returns:
+      (M, 4) int64 ``x0, y0, x1, y1``, maxima exclusive (``(0, 0, W, H)`` for an empty mask).
+    """
+    rows = _rows(masks, index)
+    boxes, empty = tight_boxes(masks, rows) if tight is None else tight
+    out = boxes.copy()
+    done: dict[int, int] = {}  # mask row -> first prompt row that has its box
+    for j, i in enumerate(rows.tolist()):
+        if i in done:
+            out[j] = out[done[i]]
+            continue
+        done[i] = j
+        if empty[j]:
+            continue
+        x0, y0, x1, y1 = boxes[j].tolist()
+        x, y, bw, bh = _largest_component(np.ascontiguousarray(_bytes(masks[i])[y0:y1, x0:x1]))
+        out[j] = (x0 + x, y0 + y, x0 + x + bw, y0 + y + bh)
+    return out
 
 
 def boxes_from_masks(
@@ -76,45 +182,54 @@ def boxes_from_masks(
     *,
     jitter: int,
     rng: np.random.Generator,
+    box_from: BoxFrom = "largest_component",
     tight: tuple[np.ndarray, np.ndarray] | None = None,
     index: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Box prompts: the tight box of each mask, shifted by a random offset.
+    """Box prompts: each mask's box (``box_from``), shifted as SAM-Med2D shifts it.
 
     The whole box moves by one integer offset per axis (``dx`` for both x corners, ``dy`` for both
-    y corners), each drawn uniformly from ``[-n, n)`` with
-    ``n = min(jitter, int(0.1 * min(box_w, box_h) * 5))`` (SAM-Med2D's rule: small structures get
-    less noise); ``n = 0`` means no shift. Corners are then clipped to the image, so every
-    coordinate stays within ``n`` of the tight box. A mask that ``index`` repeats gets an
-    independent shift per repeat.
+    y corners), each drawn uniformly from ``[-n, n)`` (numpy's ``randint(-n, n)``: never ``+n``)
+    with ``n = min(jitter, int(min(w, h) * 0.1 * 5))``, ``w`` and ``h`` the box's width and height
+    in pixels (small structures get less noise); ``n = 0`` means no shift. As in SAM-Med2D the
+    shifted box is not clipped to the image: a corner may lie up to ``n`` pixels outside it (the
+    prompt encoder takes any coordinates). A mask that ``index`` repeats gets an independent shift
+    per repeat.
 
     Arguments:
       masks: (N, H, W) uint8 or bool masks.
-      jitter: the largest shift in pixels (``data.box_jitter``); 0 = exact tight boxes.
+      jitter: the largest shift in pixels (``data.box_jitter``, SAM-Med2D's ``max_pixel``); 0 =
+        exact boxes.
       rng: the numpy generator to draw from.
+      box_from: "largest_component" (SAM-Med2D) or "whole_mask" (all foreground pixels).
       tight: ``tight_boxes(masks, index)`` if already computed.
       index: (M,) rows of ``masks`` to prompt (repeats allowed); None = every row.
 
     Returns:
-      (M, 4) float32 boxes ``x0, y0, x1, y1`` (inclusive pixel coordinates).
+      (M, 4) float32 boxes ``x0, y0, x1, y1`` (pixels, maxima exclusive).
     """
     if jitter < 0:
         raise ValueError(f"jitter must be >= 0, got {jitter}")
-    boxes, empty = tight_boxes(masks, index) if tight is None else tight
-    boxes = boxes.copy()
+    if box_from not in BOX_FROM:
+        raise ValueError(f"box_from must be one of {', '.join(BOX_FROM)}, got {box_from!r}")
+    rows = _rows(masks, index)
+    tight = tight_boxes(masks, rows) if tight is None else tight
+    if box_from == "largest_component":
+        boxes = component_boxes(masks, rows, tight=tight)
+    else:
+        boxes = tight[0].copy()
+    empty = tight[1]
     m = boxes.shape[0]
-    _, h, w = masks.shape
     if jitter > 0 and m > 0:
-        size = np.minimum(boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1)
-        limit = np.minimum(jitter, (0.1 * size * 5).astype(np.int64))
+        size = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        # the same float arithmetic as SAM-Med2D's int(min(w, h) * std * 5) (floor at integers)
+        limit = np.minimum(jitter, (size * _JITTER_STD * 5).astype(np.int64))
         limit[empty] = 0
         # uniform integer in [-limit, limit); the upper bound max(limit, 1) gives 0 when limit is 0
         low = -limit[:, None]
         shift = rng.integers(low, np.maximum(limit, 1)[:, None], size=(m, 2), dtype=np.int64)
         boxes[:, 0::2] += shift[:, :1]
         boxes[:, 1::2] += shift[:, 1:]
-        np.clip(boxes[:, 0::2], 0, w - 1, out=boxes[:, 0::2])
-        np.clip(boxes[:, 1::2], 0, h - 1, out=boxes[:, 1::2])
     return boxes.astype(np.float32)
 
 
@@ -132,7 +247,7 @@ def points_from_masks(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Point prompts: ``n`` foreground pixels per mask, uniform and independent (with replacement).
 
-    Each point first tries 16 uniform pixels of the mask's tight box, all at once for the whole
+    Each point first tries 16 uniform pixels of the mask's whole-mask box, all at once for the whole
     (M, n) array, and keeps the first that is foreground (rejection sampling: uniform over the
     foreground). Points whose 16 tries all miss (thin or sparse masks) are drawn exactly: the k-th
     pixel of ``np.flatnonzero(mask)`` with k uniform. Either way each point is uniform over the
@@ -159,8 +274,8 @@ def points_from_masks(
     _, h, w = masks.shape
     # empty masks: their "box" is the whole image, and every try is a (background) pixel of it
     x0, y0 = boxes[:, 0, None, None], boxes[:, 1, None, None]
-    bw = (boxes[:, 2] - boxes[:, 0] + 1)[:, None, None]
-    bh = (boxes[:, 3] - boxes[:, 1] + 1)[:, None, None]
+    bw = (boxes[:, 2] - boxes[:, 0])[:, None, None]
+    bh = (boxes[:, 3] - boxes[:, 1])[:, None, None]
     xs = x0 + rng.integers(0, bw, size=(m, n, _TRIES), dtype=np.int64)
     ys = y0 + rng.integers(0, bh, size=(m, n, _TRIES), dtype=np.int64)
     hit = masks[rows[:, None, None], ys, xs] != 0

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.data.collate import label_map
-from pipeline.data.prompts import boxes_from_masks, points_from_masks, tight_boxes
+from pipeline.data.prompts import BoxFrom, boxes_from_masks, points_from_masks, tight_boxes
 from sharding.format import IMAGE_EXT, MASKS_EXT, META_EXT, decode_image, decode_masks
 
 __all__ = ["SampleError", "SkipCounter", "decode", "interactive", "sample_rng", "semantic"]
@@ -124,11 +124,16 @@ def sample_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed % 2**32, zlib.crc32(key.encode())])
 
 
-def _prompted(sample: dict, idx: np.ndarray, *, jitter: int, points: int, rng) -> dict:
+def _prompted(
+    sample: dict, idx: np.ndarray, *, jitter: int, box_from: BoxFrom, points: int, rng
+) -> dict:
     masks = sample["masks"]  # (N, S, S): collate copies the rows idx straight into the batch
-    # one tight box per distinct drawn mask, shared by the box and the point prompts
+    # one whole-mask box per distinct drawn mask: the point prompts' sampling window, and the
+    # region where the box prompt's components are looked for
     tight = tight_boxes(masks, idx)
-    boxes = boxes_from_masks(masks, jitter=jitter, rng=rng, tight=tight, index=idx)
+    boxes = boxes_from_masks(
+        masks, jitter=jitter, rng=rng, box_from=box_from, tight=tight, index=idx
+    )
     coords, labels = points_from_masks(masks, n=points, rng=rng, tight=tight, index=idx)
     return {
         "key": sample["key"],
@@ -151,6 +156,7 @@ def interactive(
     jitter: int,
     points: int,
     rng: np.random.Generator | None,
+    box_from: BoxFrom = "largest_component",
     seed: int = 0,
     skipped: SkipCounter | None = None,
 ) -> Iterator[dict]:
@@ -164,6 +170,8 @@ def interactive(
       keep_empty: keep images without masks (with M = 0; ``collate`` pads them, ``mask_valid``
         False); otherwise skip and count them.
       jitter: box shift limit (``data.box_jitter``; 0 for evaluation).
+      box_from: the box of the largest connected component (SAM-Med2D) or of the whole mask
+        (``data.box_from``; see ``prompts.py``).
       points: foreground points per mask (``data.point_num``).
       rng: the worker's generator; None = one generator per sample from (seed, key).
       seed: used when ``rng`` is None.
@@ -185,7 +193,7 @@ def interactive(
             idx = gen.integers(0, n, size=mask_num)
         if skipped is not None:
             skipped.in_a_row = 0
-        yield _prompted(sample, idx, jitter=jitter, points=points, rng=gen)
+        yield _prompted(sample, idx, jitter=jitter, box_from=box_from, points=points, rng=gen)
 
 
 def semantic(
