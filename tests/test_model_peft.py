@@ -1,7 +1,9 @@
-"""PEFT methods: zero init, frozen base, 3D slice mixing, merge, blocks, speed/memory switches."""
+"""PEFT methods: authors' and zero init, frozen base, 3D slice mixing, merge, blocks, speed/memory
+switches."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -11,8 +13,9 @@ from torch import nn
 
 from pipeline.model import build_model
 from pipeline.model.config import ModelConfig
-from pipeline.model.peft import peft_method_of
-from pipeline.model.peft.adapters import Med2dAdapter
+from pipeline.model.peft import add_peft, peft_method_of
+from pipeline.model.peft.adapter3d import Adapter3d
+from pipeline.model.peft.adapters import Bottleneck, Med2dAdapter
 
 TINY = dict(arch="tiny", embed_dim=64, depth=2, num_heads=2, global_attn_indexes=[1])
 ALL = ["sam_med2d_adapter", "msa_adapter", "lora", "fact", "adapter3d"]
@@ -59,9 +62,17 @@ def base() -> torch.nn.Module:
     return build_model(cfg=tiny_cfg(slices=2)).eval()
 
 
+def adapted(base: torch.nn.Module, peft: list[str], *, init: str, seed: int = 1) -> nn.Module:
+    """``base`` (built with peft=[]) with ``peft`` added as the model builder adds it."""
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    add_peft(model.image_encoder, cfg=tiny_cfg(peft=peft, slices=2), init=init)
+    return model.eval()
+
+
 @pytest.mark.parametrize("peft", [[m] for m in ALL] + [ALL], ids=lambda p: "+".join(p))
 def test_zero_init_is_exactly_sam(base, peft):
-    model = with_base_of(tiny_cfg(peft=peft, slices=2), base).eval()
+    model = adapted(base, peft, init="zero")
     x = images(4)
     with torch.no_grad():
         assert torch.equal(model.encode(x), base.encode(x))
@@ -69,6 +80,57 @@ def test_zero_init_is_exactly_sam(base, peft):
     perturb_peft(model)
     with torch.no_grad():
         assert not torch.allclose(model.encode(x), base.encode(x))
+
+
+# the tensors that "zero" sets to 0 and the authors' code does not (LoRA and FacT: none)
+ZEROED = {
+    "sam_med2d_adapter": ["med2d_adapter.norm.weight"],
+    "msa_adapter": [
+        f"msa.{a}.fc2.{p}" for a in ("space", "mlp", "depth") for p in ("weight", "bias")
+    ],
+    "adapter3d": ["adapter3d_attn.up.weight", "adapter3d_mlp.up.weight"],
+    "lora": [],
+    "fact": [],
+}
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_authors_init_as_each_method_starts(base, method):
+    authors, zero = (adapted(base, [method], init=i) for i in ("authors", "zero"))
+    x = images(2)
+    with torch.no_grad():
+        out = authors.encode(x)
+        assert torch.equal(zero.encode(x), base.encode(x))
+    # SAM-Med2D's, MSA's and MA-SAM's adapters start active; SAMed's LoRA and MA-SAM's FacT start
+    # with a zero factor in their authors' code too
+    assert torch.equal(out, base.encode(x)) == (method in ("lora", "fact"))
+    # same random draws: the two inits differ exactly in the tensors "zero" zeroes
+    a, z = authors.state_dict(), zero.state_dict()
+    differ = {k.split(".", 3)[3] for k in a if not torch.equal(a[k], z[k])}
+    assert differ == set(ZEROED[method])
+    blk = authors.image_encoder.blocks[0]
+    if method == "sam_med2d_adapter":  # SAM-Med2D's Adapter_Layer: nn.LayerNorm's default
+        norm = blk.med2d_adapter.norm
+        assert (norm.weight == 1).all() and (norm.bias == 0).all()
+        assert (zero.image_encoder.blocks[0].med2d_adapter.norm.weight == 0).all()
+    if method == "msa_adapter":  # nn.Linear's default: uniform within 1 / sqrt(fan_in)
+        bound = 1 / blk.msa.space.fc2.in_features**0.5
+        for p in (blk.msa.space.fc2.weight, blk.msa.space.fc2.bias):
+            assert 0 < p.abs().max() <= bound
+    if method == "adapter3d":
+        assert blk.adapter3d_attn.up.weight.abs().min() > 0
+    if method == "lora":
+        assert not blk.attn.qkv.lora.b_q.weight.any() and blk.attn.qkv.lora.a_q.weight.all()
+    if method == "fact":
+        assert not authors.image_encoder.fact.v.weight.any()
+
+
+def test_adapter_init_is_checked():
+    for build in (lambda: Med2dAdapter(8, init="ones"), lambda: Bottleneck(8, init="Zero")):
+        with pytest.raises(ValueError, match="adapter init must be one of authors, zero"):
+            build()
+    with pytest.raises(ValueError, match="adapter init"):
+        Adapter3d(8, 4, init="")
 
 
 def test_only_trainable_tensors_change_after_a_step(base):
@@ -94,7 +156,7 @@ def test_only_trainable_tensors_change_after_a_step(base):
     assert changed <= trainable, sorted(changed - trainable)[:5]
     frozen = [k for k in before if k not in trainable]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
-    # every method's zero-initialised last projection moved
+    # every method's last projection moved
     for key in (
         "image_encoder.blocks.0.med2d_adapter.norm.weight",
         "image_encoder.blocks.0.msa.space.fc2.weight",

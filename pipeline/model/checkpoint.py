@@ -8,7 +8,7 @@ Meta's state dict holds ``image_encoder.*``, ``prompt_encoder.*`` and ``mask_dec
 2. refuses a different encoder (width / depth) with one line naming both;
 3. requires every base weight of the model and nothing unknown: otherwise one error listing the
    first missing and unexpected keys (never a silent partial load). Keys of PEFT modules may be
-   present (SAM-Med2D's ``blocks.i.Adapter.*`` are renamed to ours) or absent (zero-initialised);
+   present (SAM-Med2D's ``blocks.i.Adapter.*`` are renamed to ours) or absent (newly initialised);
 4. resizes the absolute position embedding (bilinear) and the global blocks' relative-position
    tables (linear) when the input size differs, and maps SAM's 4 mask tokens onto AutoSAM's
    ``num_classes + 1`` (token i <- SAM token i mod 4, same for its hypernetwork MLP);

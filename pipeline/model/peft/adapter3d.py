@@ -11,24 +11,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.model.peft.init import AdapterInit, check_init
+
 
 class Adapter3d(nn.Module):
     """One 3D adapter (MA-SAM puts two in a block: before attention and before the MLP).
+
+    ``init="authors"``: every layer keeps PyTorch's default initialisation, as MA-SAM's blocks
+    (segment_anything/modeling/image_encoder.py, ``adapter_*``) do, so the adapter is active from
+    the first step; ``"zero"``: the up projection starts at 0 (the adapter adds nothing).
 
     Arguments:
       dim (int): token width C.
       hidden (int): bottleneck width (MA-SAM: 384).
       eps (float): LayerNorm epsilon (SAM's blocks use 1e-6).
+      init (str): "authors" or "zero".
     """
 
-    def __init__(self, dim: int, hidden: int, eps: float = 1e-6) -> None:
+    def __init__(
+        self, dim: int, hidden: int, eps: float = 1e-6, *, init: AdapterInit = "authors"
+    ) -> None:
+        check_init(init)
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.down = nn.Linear(dim, hidden, bias=False)
         self.conv = nn.Conv3d(hidden, hidden, kernel_size=(3, 1, 1), padding=(1, 0, 0))
         self.act = nn.GELU()
         self.up = nn.Linear(hidden, dim, bias=False)
-        nn.init.zeros_(self.up.weight)
+        if init == "zero":
+            nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor, slices: int) -> torch.Tensor:
         """

@@ -1,8 +1,10 @@
 """Bottleneck adapters of SAM-Med2D and Medical SAM Adapter (MSA).
 
-Both work on the encoder's token map ``(N, H, W, C)``. Each returns only the *change* it makes, and
-its last learned projection starts at zero, so a freshly built adapted encoder computes exactly
-what the frozen SAM encoder does.
+Both work on the encoder's token map ``(N, H, W, C)`` and return only the *change* they make.
+Their initialisation (``init``, ``model.adapter_init``; see ``init.py``): "authors" as each
+method's code does it, so SAM-Med2D's and MSA's adapters start active; "zero": their last
+learned layer starts at zero, so a freshly built adapted encoder computes exactly what the frozen
+SAM encoder does.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.peft.init import AdapterInit, check_init
+
 
 class Med2dAdapter(nn.Module):
     """SAM-Med2D's adapter, run beside a block's MLP on the normalised tokens.
@@ -18,15 +22,20 @@ class Med2dAdapter(nn.Module):
     Channel attention (squeeze-excitation: average pool, Linear C -> C*ratio, ReLU, Linear back,
     sigmoid) gates the tokens; a 3x3 stride-2 convolution and a stride-2 transposed convolution
     (kernel 4) with ReLUs give the spatial branch; the input is added back and a LayerNorm closes.
-    SAM-Med2D's LayerNorm starts at weight 1; ours starts with weight and bias 0, so the adapter's
-    output is exactly zero at initialisation (and trains like any other LayerNorm afterwards).
+    Linear and convolution weights: Kaiming normal (fan out, ReLU), as SAM-Med2D's
+    ``Adapter_Layer`` (segment_anything/modeling/image_encoder.py). The LayerNorm: ``init=
+    "authors"`` weight 1, bias 0 (SAM-Med2D's, PyTorch's default), so the adapter adds
+    ``LayerNorm(x + spatial)`` to the block from the first step; ``"zero"`` weight and bias 0, so
+    its output is exactly zero at initialisation (it trains like any other LayerNorm afterwards).
 
     Arguments:
       dim (int): token width C.
       ratio (float): bottleneck ratio of the channel attention (SAM-Med2D: 0.25).
+      init (str): "authors" or "zero".
     """
 
-    def __init__(self, dim: int, ratio: float = 0.25) -> None:
+    def __init__(self, dim: int, ratio: float = 0.25, *, init: AdapterInit = "authors") -> None:
+        check_init(init)
         super().__init__()
         hidden = max(1, int(dim * ratio))
         self.channel = nn.Sequential(
@@ -41,8 +50,9 @@ class Med2dAdapter(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(self.norm.weight)
-        nn.init.zeros_(self.norm.bias)
+        if init == "zero":
+            nn.init.zeros_(self.norm.weight)
+            nn.init.zeros_(self.norm.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -126,21 +136,27 @@ class _Fold(torch.autograd.Function):
 
 
 class Bottleneck(nn.Module):
-    """MSA's adapter: Linear C -> C*ratio, GELU, Linear back (the second starts at zero).
+    """MSA's adapter: Linear C -> C*ratio, GELU, Linear back.
+
+    ``init="authors"``: both layers keep PyTorch's default initialisation, as MSA's ``Adapter``
+    (models/common/adapter.py) does; ``"zero"``: the second layer's weight and bias start at 0.
 
     Arguments:
       dim (int): token width C.
       ratio (float): bottleneck ratio (MSA: 0.25).
+      init (str): "authors" or "zero".
     """
 
-    def __init__(self, dim: int, ratio: float = 0.25) -> None:
+    def __init__(self, dim: int, ratio: float = 0.25, *, init: AdapterInit = "authors") -> None:
+        check_init(init)
         super().__init__()
         hidden = max(1, int(dim * ratio))
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
-        nn.init.zeros_(self.fc2.weight)
-        nn.init.zeros_(self.fc2.bias)
+        if init == "zero":
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., C): the adapter's contribution (no skip; the block adds it)."""
@@ -165,13 +181,21 @@ class MsaAdapters(nn.Module):
       dim (int): token width C.
       depth_branch (bool): build the depth adapter.
       mlp_scale (float): factor on the MLP adapter (MSA: 0.5).
+      init (str): "authors" or "zero" (see ``Bottleneck``).
     """
 
-    def __init__(self, dim: int, *, depth_branch: bool, mlp_scale: float = 0.5) -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        depth_branch: bool,
+        mlp_scale: float = 0.5,
+        init: AdapterInit = "authors",
+    ) -> None:
         super().__init__()
-        self.space = Bottleneck(dim)
-        self.mlp = Bottleneck(dim)
-        self.depth = Bottleneck(dim) if depth_branch else None
+        self.space = Bottleneck(dim, init=init)
+        self.mlp = Bottleneck(dim, init=init)
+        self.depth = Bottleneck(dim, init=init) if depth_branch else None
         self.mlp_scale = mlp_scale
 
     def depth_attention(self, attn: nn.Module, x: torch.Tensor, slices: int) -> torch.Tensor:

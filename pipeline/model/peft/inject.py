@@ -18,6 +18,7 @@ from torch import nn
 from pipeline.model.config import ModelConfig
 from pipeline.model.peft.adapter3d import Adapter3d
 from pipeline.model.peft.adapters import Med2dAdapter, MsaAdapters
+from pipeline.model.peft.init import AdapterInit, check_init
 from pipeline.model.peft.qkv import AdaptedQkv, FactCores, FactShared, LoraQV
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,16 @@ def peft_method_of(name: str) -> str | None:
     return None
 
 
-def add_peft(encoder: nn.Module, *, cfg: ModelConfig) -> None:
+def add_peft(encoder: nn.Module, *, cfg: ModelConfig, init: AdapterInit = "authors") -> None:
     """Freeze the encoder's base weights and add ``cfg.peft`` to ``cfg.blocks_for(method)``.
 
     Arguments:
       encoder (AdaptedImageEncoder): modified in place.
       cfg (ModelConfig): methods, ranks, blocks and slice count.
+      init (str): "authors" (each method as its authors' code starts it) or "zero" (the
+        adapted encoder starts exactly as SAM's); see ``init.py``.
     """
+    check_init(init)
     encoder.requires_grad_(False)
     dim = encoder.patch_embed.proj.out_channels
     methods = set(cfg.peft)
@@ -58,21 +62,25 @@ def add_peft(encoder: nn.Module, *, cfg: ModelConfig) -> None:
             block = encoder.blocks[i]
             qkv: AdaptedQkv = block.attn.qkv
             if method == "sam_med2d_adapter":
-                block.med2d_adapter = Med2dAdapter(dim)
+                block.med2d_adapter = Med2dAdapter(dim, init=init)
             elif method == "msa_adapter":
-                block.msa = MsaAdapters(dim, depth_branch=cfg.slices > 1)
+                block.msa = MsaAdapters(dim, depth_branch=cfg.slices > 1, init=init)
             elif method == "lora":
                 qkv.lora = LoraQV(dim, cfg.lora_rank)
             elif method == "fact":
                 qkv.attach_fact(FactCores(cfg.fact_rank, cfg.fact_dropout), encoder.fact)
             elif method == "adapter3d":
-                block.adapter3d_attn = Adapter3d(dim, cfg.adapter3d_dim)
-                block.adapter3d_mlp = Adapter3d(dim, cfg.adapter3d_dim)
+                block.adapter3d_attn = Adapter3d(dim, cfg.adapter3d_dim, init=init)
+                block.adapter3d_mlp = Adapter3d(dim, cfg.adapter3d_dim, init=init)
             else:  # ModelConfig already refuses unknown names
                 raise ValueError(f"model.peft: unknown PEFT method {method!r}")
     for name, param in encoder.named_parameters():
         param.requires_grad_(peft_method_of(name) is not None)
-    log.info("encoder PEFT: %s", {m: cfg.blocks_for(m) for m in cfg.peft} or "none (frozen)")
+    log.info(
+        "encoder PEFT: %s, %s init",
+        {m: cfg.blocks_for(m) for m in cfg.peft} or "none (frozen)",
+        init,
+    )
 
 
 def merge_qkv_updates(encoder: nn.Module) -> list[str]:

@@ -7,7 +7,9 @@ their names, so state-dict keys stay Meta's) and adds low-rank updates to the q 
   FacT:  dq = s V drop(C_q U x),    U (dim -> r) and V (r -> dim, zeros) shared by all blocks,
                                      C_q (r x r) per block (the "tensor-train" core)
 
-and the same for v. Both start at zero, and both fold into ``weight`` for inference (``merge``).
+and the same for v. Both start at zero, as their authors' code starts them (SAMed's
+``LoRA_Sam.reset_parameters``, MA-SAM's ``Fact_tt_Sam``): ``model.adapter_init`` does not change
+them. Both fold into ``weight`` for inference (``merge``).
 """
 
 from __future__ import annotations
