@@ -13,6 +13,7 @@ Functions take the section they need (``cfg.data``, ``cfg.train``...), never the
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,12 +21,20 @@ from configtree import fraction, require
 from pipeline.model.config import ModelConfig
 
 __all__ = [
+    "BOX_FROM",
+    "BoxFrom",
     "DataConfig",
     "EvalConfig",
     "PipelineConfig",
     "TrackingConfig",
     "TrainConfig",
 ]
+
+
+# Which pixels a box prompt bounds (pipeline/data/prompts.py): the mask's largest 8-connected
+# component (SAM-Med2D) or all of them.
+BoxFrom = Literal["largest_component", "whole_mask"]
+BOX_FROM: tuple[str, ...] = typing.get_args(BoxFrom)
 
 
 @dataclass
@@ -50,8 +59,13 @@ class DataConfig:
     open_shards: int = 4
     """Shards each training worker reads at once, one sample of each in turn (random order per
     round), before the shuffle buffer; 1 = one shard after another."""
+    box_from: BoxFrom = "largest_component"
+    """What a box prompt bounds, in training and validation: largest_component = the mask's
+    largest 8-connected component (SAM-Med2D's get_boxes_from_mask); whole_mask = all of its
+    pixels. Maxima exclusive either way (x1 - x0 = width in pixels)."""
     box_jitter: int = 5
-    """Box prompt noise: each box is shifted by up to this many pixels (SAM-Med2D: 5)."""
+    """Box prompt noise in training: the box is shifted by up to this many pixels per axis
+    (SAM-Med2D's max_pixel: 5), and by at most half its shorter side; not clipped."""
     point_num: int = 1
     """Foreground points sampled per mask for the first prompt."""
     seed: int = 0
@@ -72,6 +86,11 @@ class DataConfig:
         require(self.num_workers >= 0, "num_workers", "must be >= 0")
         require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
         require(self.open_shards >= 1, "open_shards", f"must be >= 1, got {self.open_shards}")
+        require(
+            self.box_from in BOX_FROM,
+            "box_from",
+            f"must be one of {', '.join(BOX_FROM)}, got {self.box_from!r}",
+        )
         require(self.box_jitter >= 0, "box_jitter", "must be >= 0")
         require(self.point_num >= 1, "point_num", "must be >= 1")
 

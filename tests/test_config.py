@@ -66,6 +66,8 @@ def test_round_trip(tmp_path):
         ("launch.mem_gb=-5", "command line: launch.mem_gb must be >= 0"),
         ("model.slices=2", "command line: model.slices must be odd and >= 1, got 2"),
         ("model.slices=0", "command line: model.slices must be >= 1"),
+        ("model.adapter_init=ones", "command line: model.adapter_init must be one of"),
+        ("data.box_from=box", "command line: data.box_from must be one of"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -202,6 +204,23 @@ def test_sections_build_on_their_own():
         build_section(LaunchConfig, {"ranks": 0}, prefix="launch.")
     with pytest.raises(ConfigError, match=r"unknown key 'model\.nope'"):
         build_section(ModelConfig, {"nope": 1}, prefix="model.")
+
+
+def test_prompt_and_init_rules_checked_without_the_loader():
+    """Built in code (not from YAML), the sections still refuse a bad value, naming the key."""
+    from configtree import FieldError
+    from pipeline.config import DataConfig
+    from pipeline.model.config import ModelConfig
+
+    assert DataConfig().box_from == "largest_component" and ModelConfig().adapter_init == "authors"
+    cases = [
+        (DataConfig, "box_from", "whole", "must be one of largest_component, whole_mask"),
+        (ModelConfig, "adapter_init", "ones", "must be one of authors, zero"),
+    ]
+    for section, key, value, message in cases:
+        with pytest.raises(FieldError, match=f"^{message}, got '{value}'$") as err:
+            section(**{key: value})
+        assert err.value.key == key
 
 
 def test_saved_run_config_holds_every_section(tmp_path):

@@ -19,7 +19,7 @@ from shardkit import write_shards  # noqa: E402
 from configtree import ConfigError  # noqa: E402
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.data.collate import label_map  # noqa: E402
-from pipeline.data.prompts import component_boxes  # noqa: E402
+from pipeline.data.prompts import component_boxes, tight_boxes  # noqa: E402
 from pipeline.data.samples import SampleError, decode  # noqa: E402
 from pipeline.data.stream import (  # noqa: E402
     build_eval_loader,
@@ -238,6 +238,22 @@ def test_prompts_in_batches_match_masks(shards):
                 for x, y in batch["point_coords"][i, j].long().tolist():
                     assert masks[i, j, y, x] == 1
         assert (batch["point_labels"] == 1).all()
+    # data.box_from=whole_mask: the box of every pixel of the mask, on the same draws
+    whole = _cfg(out, box_jitter=0, num_workers=0, box_from="whole_mask")
+    differ = 0
+    for a, b in zip(train_loader(cfg=cfg, rank=0, world_size=1),
+                    train_loader(cfg=whole, rank=0, world_size=1), strict=True):  # fmt: skip
+        assert torch.equal(a["masks"], b["masks"])
+        for i, masks in enumerate(b["masks"].numpy()):
+            assert b["boxes"][i].tolist() == tight_boxes(masks)[0].tolist()
+        differ += int((a["boxes"] != b["boxes"]).any(dim=-1).sum())
+    assert differ > 0
+    # validation boxes follow the same rule (data.box_from), never jittered
+    for batch in eval_loader(cfg=_cfg(out, num_workers=0), rank=0, world_size=1):
+        for i, masks in enumerate(batch["masks"].numpy()):
+            valid = batch["mask_valid"][i].numpy()
+            expected = component_boxes(masks[valid]).tolist()
+            assert batch["boxes"][i][valid].tolist() == expected
 
 
 def _copy(out: Path, tmp_path: Path) -> Path:

@@ -3,7 +3,6 @@ switches."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
@@ -13,7 +12,7 @@ from torch import nn
 
 from pipeline.model import build_model
 from pipeline.model.config import ModelConfig
-from pipeline.model.peft import add_peft, peft_method_of
+from pipeline.model.peft import peft_method_of
 from pipeline.model.peft.adapter3d import Adapter3d
 from pipeline.model.peft.adapters import Bottleneck, Med2dAdapter
 
@@ -62,12 +61,9 @@ def base() -> torch.nn.Module:
     return build_model(cfg=tiny_cfg(slices=2)).eval()
 
 
-def adapted(base: torch.nn.Module, peft: list[str], *, init: str, seed: int = 1) -> nn.Module:
-    """``base`` (built with peft=[]) with ``peft`` added as the model builder adds it."""
-    model = copy.deepcopy(base)
-    torch.manual_seed(seed)
-    add_peft(model.image_encoder, cfg=tiny_cfg(peft=peft, slices=2), init=init)
-    return model.eval()
+def adapted(base: torch.nn.Module, peft: list[str], *, init: str) -> nn.Module:
+    """A model built with ``peft`` and ``model.adapter_init=init`` on the weights of ``base``."""
+    return with_base_of(tiny_cfg(peft=peft, slices=2, adapter_init=init), base).eval()
 
 
 @pytest.mark.parametrize("peft", [[m] for m in ALL] + [ALL], ids=lambda p: "+".join(p))
@@ -131,6 +127,9 @@ def test_adapter_init_is_checked():
             build()
     with pytest.raises(ValueError, match="adapter init"):
         Adapter3d(8, 4, init="")
+    with pytest.raises(ValueError, match="must be one of authors, zero, got 'ones'") as err:
+        tiny_cfg(adapter_init="ones")
+    assert err.value.key == "adapter_init"
 
 
 def test_only_trainable_tensors_change_after_a_step(base):

@@ -20,22 +20,17 @@ our shards are stored in):
 
 from __future__ import annotations
 
-from typing import Literal
-
 import cv2
 import numpy as np
 
+from pipeline.config import BOX_FROM, BoxFrom
+
 __all__ = [
-    "BOX_FROM",
-    "BoxFrom",
     "boxes_from_masks",
     "component_boxes",
     "points_from_masks",
     "tight_boxes",
 ]
-
-BoxFrom = Literal["largest_component", "whole_mask"]
-BOX_FROM: tuple[str, ...] = ("largest_component", "whole_mask")
 
 # SAM-Med2D's jitter: the limit is int(min(w, h) * std * 5) pixels, std = 0.1 (get_boxes_from_mask)
 _JITTER_STD = 0.1

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.config import BoxFrom
 from pipeline.data.collate import label_map
-from pipeline.data.prompts import BoxFrom, boxes_from_masks, points_from_masks, tight_boxes
+from pipeline.data.prompts import boxes_from_masks, points_from_masks, tight_boxes
 from sharding.format import IMAGE_EXT, MASKS_EXT, META_EXT, decode_image, decode_masks
 
 __all__ = ["SampleError", "SkipCounter", "decode", "interactive", "sample_rng", "semantic"]

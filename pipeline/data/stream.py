@@ -321,6 +321,7 @@ class ShardStream(IterableDataset):
             mask_num=cfg.mask_num if self.train else 0,
             keep_empty=self.keep_empty,
             jitter=cfg.box_jitter if self.train else 0,
+            box_from=cfg.box_from,
             points=cfg.point_num,
             rng=np.random.default_rng(seed_of(*key, PICK)) if self.train else None,
             seed=cfg.seed,
@@ -486,10 +487,10 @@ def build_eval_loader(
     """An evaluation loader of one rank: every sample of the split exactly once over all ranks.
 
     No shuffling or resampling; shards in manifest order, dealt to ranks and workers as in
-    training; every mask of every image (padded per batch, ``mask_valid``), boxes without jitter,
-    points drawn from (seed, key) so prompts do not depend on ranks or workers; the last batch of
-    a worker may be partial, and ranks may get different numbers of batches (reduce metrics once
-    at the end, not per batch).
+    training; every mask of every image (padded per batch, ``mask_valid``), boxes by the
+    training rule (``data.box_from``) without jitter, points drawn from (seed, key) so prompts
+    do not depend on ranks or workers; the last batch of a worker may be partial, and ranks may
+    get different numbers of batches (reduce metrics once at the end, not per batch).
 
     Arguments:
       cfg: the data section.

@@ -1,15 +1,17 @@
 """The ``model`` section of the config, with the registries it names: SAM's encoder shapes
-(``SAM_ARCHS``) and the PEFT methods (``PEFT_METHODS``). Built into a model by ``pipeline.model``.
+(``SAM_ARCHS``), the PEFT methods (``PEFT_METHODS``) and how they start (``ADAPTER_INITS``).
+Built into a model by ``pipeline.model``.
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 from configtree import require
 
-__all__ = ["PEFT_METHODS", "SAM_ARCHS", "ModelConfig"]
+__all__ = ["ADAPTER_INITS", "PEFT_METHODS", "SAM_ARCHS", "AdapterInit", "ModelConfig"]
 
 # SAM encoder shapes: arch -> (embed_dim, depth, num_heads, global_attn_indexes). Meta's values for
 # vit_b/l/h (segment_anything/build_sam.py); "tiny" is the CPU test size.
@@ -20,6 +22,10 @@ SAM_ARCHS: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
     "tiny": (64, 2, 2, (1,)),
 }
 PEFT_METHODS = ("sam_med2d_adapter", "msa_adapter", "lora", "fact", "adapter3d")
+# How PEFT modules start (pipeline/model/peft/init.py): as each method's authors' code starts
+# them, or every one silent (the model starts exactly at SAM).
+AdapterInit = Literal["authors", "zero"]
+ADAPTER_INITS: tuple[str, ...] = typing.get_args(AdapterInit)
 
 
 @dataclass
@@ -49,6 +55,11 @@ class ModelConfig:
     peft: list[str] = field(default_factory=lambda: ["sam_med2d_adapter"])
     """Any subset of: sam_med2d_adapter, msa_adapter, lora, fact, adapter3d (empty = frozen
     encoder)."""
+    adapter_init: AdapterInit = "authors"
+    """How the PEFT modules start. authors: as each method's authors' code starts them (SAM-Med2D's
+    adapter with LayerNorm weight 1, MSA's and MA-SAM's 3D adapters with PyTorch's default layers:
+    all active from the first step; LoRA and FacT with a zero factor, silent); zero: every module
+    silent, so the model starts exactly at SAM (pipeline/model/peft/init.py)."""
     peft_blocks: list[int] = field(default_factory=list)
     """Encoder blocks that get PEFT modules (empty = all)."""
     peft_method_blocks: dict[str, list[int]] = field(default_factory=dict)
@@ -114,6 +125,11 @@ class ModelConfig:
                 f"unknown PEFT method {name!r} (known: {', '.join(PEFT_METHODS)})",
             )
         require(len(set(self.peft)) == len(self.peft), "peft", "lists a method twice")
+        require(
+            self.adapter_init in ADAPTER_INITS,
+            "adapter_init",
+            f"must be one of {', '.join(ADAPTER_INITS)}, got {self.adapter_init!r}",
+        )
         require(self.image_size % 16 == 0, "image_size", "must be a multiple of 16")
         require(self.image_size >= 32, "image_size", "must be >= 32")
         for key in ("embed_dim", "depth", "num_heads"):

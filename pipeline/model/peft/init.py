@@ -19,12 +19,9 @@ same under both.
 
 from __future__ import annotations
 
-from typing import Literal
+from pipeline.model.config import ADAPTER_INITS, AdapterInit
 
 __all__ = ["ADAPTER_INITS", "AdapterInit", "check_init"]
-
-AdapterInit = Literal["authors", "zero"]
-ADAPTER_INITS: tuple[str, ...] = ("authors", "zero")
 
 
 def check_init(init: str) -> None:

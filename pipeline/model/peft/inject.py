@@ -18,7 +18,7 @@ from torch import nn
 from pipeline.model.config import ModelConfig
 from pipeline.model.peft.adapter3d import Adapter3d
 from pipeline.model.peft.adapters import Med2dAdapter, MsaAdapters
-from pipeline.model.peft.init import AdapterInit, check_init
+from pipeline.model.peft.init import check_init
 from pipeline.model.peft.qkv import AdaptedQkv, FactCores, FactShared, LoraQV
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,15 @@ def peft_method_of(name: str) -> str | None:
     return None
 
 
-def add_peft(encoder: nn.Module, *, cfg: ModelConfig, init: AdapterInit = "authors") -> None:
-    """Freeze the encoder's base weights and add ``cfg.peft`` to ``cfg.blocks_for(method)``.
+def add_peft(encoder: nn.Module, *, cfg: ModelConfig) -> None:
+    """Freeze the encoder's base weights and add ``cfg.peft`` to ``cfg.blocks_for(method)``,
+    initialised as ``cfg.adapter_init`` says (see ``init.py``).
 
     Arguments:
       encoder (AdaptedImageEncoder): modified in place.
-      cfg (ModelConfig): methods, ranks, blocks and slice count.
-      init (str): "authors" (each method as its authors' code starts it) or "zero" (the
-        adapted encoder starts exactly as SAM's); see ``init.py``.
+      cfg (ModelConfig): methods, ranks, blocks, slice count and initialisation.
     """
+    init = cfg.adapter_init
     check_init(init)
     encoder.requires_grad_(False)
     dim = encoder.patch_embed.proj.out_channels
