@@ -115,10 +115,11 @@ def _largest_component(crop: np.ndarray) -> tuple[int, int, int, int]:
     statistics) finds the components: their outer borders are the top level of ``RETR_CCOMP``
     (holes below; a component inside another's hole is top level too), and a component's outer
     border holds its extreme pixels, so its bounding rectangle is the component's box. One
-    component (the common case): the crop itself. Several: the component with the largest box is
-    the largest if its longer box side (a connected component has a pixel in every row and column
-    of its box) exceeds the area of every other component's box (a structure and a few specks);
-    otherwise the components are labelled and counted (``_labelled_largest``).
+    component (the common case): the crop itself. Several: a component has at least as many
+    pixels as its box's longer side (it has a pixel in every row and column of its box) and at
+    most its box's area, so only components whose box area reaches the largest such lower bound
+    can be the largest; one such candidate (a structure and a few specks) is the answer, several
+    are counted by flood fill from a border pixel, and an exact tie is settled by labelling.
     """
     # a zero frame: findContours must see background beyond every border pixel
     framed = cv2.copyMakeBorder(crop, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
@@ -127,13 +128,21 @@ def _largest_component(crop: np.ndarray) -> tuple[int, int, int, int]:
     if len(outer) == 1:
         return 0, 0, crop.shape[1], crop.shape[0]
     rects = [cv2.boundingRect(c) for c in outer]
-    upper = [bw * bh for _, _, bw, bh in rects]  # no component has more pixels than its box
-    top = max(range(len(rects)), key=upper.__getitem__)
-    runner_up = max(u for i, u in enumerate(upper) if i != top)
-    x, y, bw, bh = rects[top]
-    if max(bw, bh) > runner_up:  # fewest pixels the top component can have > most of any other
-        return x - 1, y - 1, bw, bh
-    return _labelled_largest(crop)
+    least = max(max(bw, bh) for _, _, bw, bh in rects)
+    candidates = [k for k, (_, _, bw, bh) in enumerate(rects) if bw * bh >= least]
+    if len(candidates) > 1:
+        filled = np.zeros((framed.shape[0] + 2, framed.shape[1] + 2), np.uint8)
+        flags = 8 | cv2.FLOODFILL_MASK_ONLY | (1 << 8)  # 8-connected, mark the mask with 1
+        sizes = []
+        for k in candidates:
+            seed = tuple(int(v) for v in outer[k][0, 0])  # a pixel of the component's border
+            sizes.append(cv2.floodFill(framed, filled, seed, 1, 0, 0, flags)[0])
+        best = max(sizes)
+        if sizes.count(best) > 1:  # the first in raster order wins: label to find it
+            return _labelled_largest(crop)
+        candidates = [candidates[sizes.index(best)]]
+    x, y, bw, bh = rects[candidates[0]]
+    return x - 1, y - 1, bw, bh
 
 
 def component_boxes(
