@@ -21,12 +21,13 @@ and no host round-trip inside the loop (the per-step losses come back in one tra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.interact import mask_prompt, plan_interaction, sample_clicks
+from pipeline.interact import StepPlan, mask_prompt, plan_interaction, sample_clicks
 from pipeline.losses import ce_dice_loss, sam_med2d_loss, select_best
 
 
@@ -48,7 +49,20 @@ def prompts_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def _loss(logits: torch.Tensor, iou: torch.Tensor, target: torch.Tensor, train: TrainConfig):
+@dataclass
+class _Turn:
+    """What one interaction step leaves behind: its loss and loss terms, and the best mask, at
+    low resolution (the next step's mask prompt) and at the target's (where clicks are drawn)."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    low: torch.Tensor
+    full: torch.Tensor
+
+
+def _score(
+    logits: torch.Tensor, iou: torch.Tensor, target: torch.Tensor, train: TrainConfig
+) -> _Turn:
     best_low, best_iou, _ = select_best(logits, iou)
     full = torch.nn.functional.interpolate(
         best_low, target.shape[-2:], mode="bilinear", align_corners=False
@@ -61,7 +75,73 @@ def _loss(logits: torch.Tensor, iou: torch.Tensor, target: torch.Tensor, train: 
         dice_weight=train.dice_weight,
         iou_weight=train.iou_weight,
     )
-    return loss, parts, best_low, full
+    return _Turn(loss=loss, parts=parts, low=best_low, full=full)
+
+
+def _first_turn(
+    engine: Any,
+    image: torch.Tensor,
+    p: dict[str, torch.Tensor],
+    first: StepPlan,
+    train: TrainConfig,
+) -> tuple[_Turn, torch.Tensor]:
+    """Step 0: encoder + prompt encoder + decoder in one forward, a box or one point.
+
+    Returns:
+      The step's result and the image embeddings (still in the graph).
+    """
+    inputs: dict[str, Any] = {"images": image, "image_index": p["image_index"], "multimask": True}
+    if first.uses_box:
+        inputs["boxes"] = p["boxes"]
+    else:
+        inputs["points"] = (p["point_coords"][:, :1], p["point_labels"][:, :1])
+    logits, iou, embeddings = engine(inputs, "prompt")
+    return _score(logits, iou, p["target"], train), embeddings
+
+
+def _next_turn(
+    engine: Any,
+    embeddings: torch.Tensor,
+    p: dict[str, torch.Tensor],
+    prev: _Turn,
+    plan: StepPlan,
+    *,
+    train: TrainConfig,
+    click_generator: torch.Generator,
+) -> _Turn:
+    """A re-prompt step: the previous mask, plus clicks from its error region unless the step is
+    mask-only; decoder only (the prompt encoder runs frozen on detached embeddings)."""
+    inputs: dict[str, Any] = {
+        "embeddings": embeddings,
+        "image_index": p["image_index"],
+        "multimask": True,
+        "frozen_prompt_encoder": True,
+        "mask_inputs": mask_prompt(prev.low, as_probs=train.mask_prompt_as_probs),
+    }
+    if plan.uses_points:
+        inputs["points"] = sample_clicks(
+            prev.full.detach(), p["target"], k=plan.clicks, generator=click_generator
+        )
+    logits, iou = engine(inputs, "decode")
+    turn = _score(logits, iou, p["target"], train)
+    turn.low, turn.full = turn.low.detach(), turn.full.detach()
+    return turn
+
+
+def _update(engine: Any, loss: torch.Tensor, phases: tuple[str, ...], step: int) -> None:
+    engine.backward(loss)
+    engine.step(phases, step=step)
+
+
+def _outputs(turns: list[_Turn], plan: list[StepPlan]) -> dict[str, torch.Tensor]:
+    return {
+        "loss_steps": torch.stack([t.loss.detach() for t in turns]),
+        "focal": torch.stack([t.parts["focal"] for t in turns]),
+        "dice": torch.stack([t.parts["dice"] for t in turns]),
+        "iou": torch.stack([t.parts["iou"] for t in turns]),
+        "prompt_kind": torch.tensor(0 if plan[0].uses_box else 1),
+        "mask_only": torch.tensor([1 if s.kind == "mask_only" else 0 for s in plan]),
+    }
 
 
 def interactive_step(
@@ -92,7 +172,6 @@ def interactive_step(
     """
     data = _to(batch, engine.device)
     p = prompts_of(data)
-    target, image_index = p["target"], p["image_index"]
     plan = plan_interaction(
         train.interaction_steps,
         generator=plan_generator,
@@ -101,66 +180,27 @@ def interactive_step(
         random_mask_only=train.random_mask_only,
     )
     summed = train.sum_interaction_losses
-    losses, parts_per_step = [], []
-
-    first = plan[0]
-    inputs: dict[str, Any] = {
-        "images": data["image"],
-        "image_index": image_index,
-        "multimask": True,
-    }
-    if first.uses_box:
-        inputs["boxes"] = p["boxes"]
-    else:
-        inputs["points"] = (p["point_coords"][:, :1], p["point_labels"][:, :1])
-    logits, iou, embeddings = engine(inputs, "prompt")
-    loss, parts, prev_low, prev_full = _loss(logits, iou, target, train)
-    losses.append(loss)
-    parts_per_step.append(parts)
-    if summed:
-        total = loss
-    else:
-        engine.backward(loss)
-        engine.step(phases, step=step)
+    turn, embeddings = _first_turn(engine, data["image"], p, plan[0], train)
+    turns = [turn]
+    if not summed:
+        _update(engine, turn.loss, phases, step)
 
     # The re-prompt steps train the decoder only: the embeddings are cut from the graph and the
     # prompt encoder runs without gradient (as SAM-Med2D), so no other tensor gets a gradient.
     embeddings = embeddings.detach()
     for s in plan[1:]:
-        inputs = {
-            "embeddings": embeddings,
-            "image_index": image_index,
-            "multimask": True,
-            "frozen_prompt_encoder": True,
-            "mask_inputs": mask_prompt(prev_low, as_probs=train.mask_prompt_as_probs),
-        }
-        if s.uses_points:
-            coords, labels = sample_clicks(
-                prev_full.detach(), target, k=s.clicks, generator=click_generator
-            )
-            inputs["points"] = (coords, labels)
-        logits, iou = engine(inputs, "decode")
-        loss, parts, prev_low, prev_full = _loss(logits, iou, target, train)
-        prev_low, prev_full = prev_low.detach(), prev_full.detach()
-        losses.append(loss)
-        parts_per_step.append(parts)
-        if summed:
-            total = total + loss
-        else:
-            engine.backward(loss)
-            engine.step(("mask_decoder",), step=step)
+        turn = _next_turn(
+            engine, embeddings, p, turns[-1], s, train=train, click_generator=click_generator
+        )
+        turns.append(turn)
+        if not summed:
+            _update(engine, turn.loss, ("mask_decoder",), step)
     if summed:
-        engine.backward(total)
-        engine.step(phases, step=step)
-
-    return {
-        "loss_steps": torch.stack([v.detach() for v in losses]),
-        "focal": torch.stack([d["focal"] for d in parts_per_step]),
-        "dice": torch.stack([d["dice"] for d in parts_per_step]),
-        "iou": torch.stack([d["iou"] for d in parts_per_step]),
-        "prompt_kind": torch.tensor(0 if first.uses_box else 1),
-        "mask_only": torch.tensor([1 if s.kind == "mask_only" else 0 for s in plan]),
-    }
+        total = turns[0].loss
+        for t in turns[1:]:  # added in step order, as the losses were made
+            total = total + t.loss
+        _update(engine, total, phases, step)
+    return _outputs(turns, plan)
 
 
 def semantic_step(
