@@ -1,9 +1,11 @@
 """A small trainer that counts steps, not epochs.
 
-``Trainer(cfg, env).train()`` builds the model, the DeepSpeed engine, the data stream and the
-MLflow run, then loops: ``train_step`` -> log -> validate -> checkpoint, all called by name. The
-data position (epoch, batches taken in it), the step, the RNG streams and the MLflow run id are
-in every checkpoint, so ``train.resume=auto`` continues exactly where a killed run was.
+``Trainer(cfg, env).train()`` builds the model, the DeepSpeed engine, the task of ``train.mode``
+(``pipeline/tasks``: its loader, step, metrics and validation) and the MLflow run, then loops:
+``train_step`` -> log -> validate -> checkpoint, all called by name. The loop is the same for
+every mode. The data position (epoch, batches taken in it), the step, the RNG streams (the
+task's generators included) and the MLflow run id are in every checkpoint, so
+``train.resume=auto`` continues exactly where a killed run was.
 """
 
 from __future__ import annotations
@@ -31,38 +33,24 @@ from pipeline.checkpoint import (
     should_stop,
 )
 from pipeline.config import PipelineConfig
-from pipeline.data.shards import read_class_map, read_manifest
-from pipeline.data.stream import build_eval_loader, build_train_loader
-from pipeline.data.volume import VolumeSliceDataset, build_volume_loader
+from pipeline.data.shards import read_manifest
 from pipeline.distributed import DistEnv
 from pipeline.engine import build_engine
-from pipeline.evaluate import validate_interactive, validate_semantic
 from pipeline.model import build_model, export_trainable
 from pipeline.overlay import write_overlays
-from pipeline.steps import interactive_step, semantic_step
+from pipeline.tasks import NonFiniteLoss, build_task, task_class
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def flatten_stacks(batch: dict[str, Any]) -> dict[str, Any]:
-    """(B, D, ...) slice stacks -> (B*D, ...), each stack's D slices consecutive."""
-    out = dict(batch)
-    for key in ("image", "label"):
-        value = batch[key]
-        out[key] = value.reshape(-1, *value.shape[2:])
-    return out
+__all__ = ["NonFiniteLoss", "Trainer", "check_config"]
 
 
 def check_config(cfg: PipelineConfig) -> None:
     """What the config alone cannot tell (the data is there, its classes fit the head, the run
     directory is not another run's) fails here, before anything is built, naming the key."""
     # Combinations of keys are checked when the config is built (pipeline.config.PipelineConfig).
-    interactive = cfg.train.mode == "interactive"
     if not cfg.data.shards and not cfg.data.volumes:
         raise ConfigError("data.shards is empty: point it at the output of samadapt shard")
     if not cfg.data.volumes:
@@ -74,43 +62,13 @@ def check_config(cfg: PipelineConfig) -> None:
             image_size=cfg.model.image_size,
             check_files=False,
         )
-    if not interactive and cfg.data.shards and not cfg.data.volumes:
-        _check_classes(cfg)
+    task_class(cfg.train.mode).check(cfg)
     existing = None if cfg.train.resume else latest_complete(cfg.run_dir)
     if existing is not None:
         # Never overwrite a run's checkpoints by starting it again from scratch.
         raise ConfigError(
             f"run_dir {cfg.run_dir} already holds checkpoint {existing.name}: pass "
             "train.resume=auto to continue that run, or choose another run_dir"
-        )
-
-
-def _check_classes(cfg: PipelineConfig) -> None:
-    # A prompt-free head predicts num_classes + 1 channels from the shards' class ids: ids
-    # beyond that, or no ids at all, cannot train (the loss would fail mid-run or learn nothing).
-    classes = read_class_map(cfg.data.shards)
-    if classes is None:
-        log.warning(
-            "data.shards=%s: the manifest has no class map (made by an older samadapt shard); "
-            "model.num_classes=%d is not checked against the class ids",
-            cfg.data.shards,
-            cfg.model.num_classes,
-        )
-        return
-    if not classes:
-        raise ConfigError(
-            f"model.head={cfg.model.head} needs class ids, but the masks in data.shards="
-            f"{cfg.data.shards} carry none (every mask has class id 0): shard with a class map "
-            "(dataset.json labels, classes.json) or train the promptable head (train.mode="
-            "interactive, model.head=sam)"
-        )
-    top = max(classes)
-    if top > cfg.model.num_classes:
-        named = ", ".join(f"{i}={n}" for i, n in sorted(classes.items())[:8])
-        raise ConfigError(
-            f"model.num_classes={cfg.model.num_classes}, but data.shards={cfg.data.shards} has "
-            f"class ids up to {top} ({named}{', ...' if len(classes) > 8 else ''}): set "
-            f"model.num_classes={top}"
         )
 
 
@@ -123,7 +81,6 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batches_in_epoch = 0
-        self.interactive = cfg.train.mode == "interactive"
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg=cfg.model)
@@ -136,14 +93,9 @@ class Trainer:
             batch_size=cfg.data.batch_size,
             env=env,
         )
-        # The step plan (box or point first, which step is mask-only, k) is the same on every
-        # rank: a prompt kind decides which prompt-encoder weights get a gradient, and ZeRO's
-        # gradient buckets must match across ranks. A CPU generator: it drives control flow.
-        # Clicks differ per rank and are drawn on the device.
-        self.plan_gen = torch.Generator().manual_seed(cfg.seed * 1009)
-        self.click_gen = torch.Generator(device=self.engine.device)
-        self.click_gen.manual_seed(cfg.seed * 2003 + env.rank)
-        self.generators = {"plan": self.plan_gen, "click": self.click_gen}
+        self.task = build_task(cfg, engine=self.engine, env=env, phases=self.phases)
+        # saved in every checkpoint by name, restored on resume
+        self.generators = self.task.generators
 
         self.tracker = Tracker(main=env.is_main)
         self.run_id: str | None = None
@@ -151,49 +103,10 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------
 
-    def _loader(self, epoch: int, *, split: str | None = None):
-        """Training batches of one epoch; with ``split``, the evaluation batches of that split.
-
-        2D samples come from the shards; with ``data.volumes`` set (prompt-free training of 3D
-        adapters), stacks of ``model.slices`` adjacent slices come from the Zarr store and are
-        flattened to (B*D, ...) with each stack's slices consecutive, as the model expects.
-        """
-        cfg = self.cfg
-        if cfg.data.volumes and not self.interactive:
-            dataset = VolumeSliceDataset(
-                cfg.data.volumes,
-                cfg=cfg.data,
-                image_size=cfg.model.image_size,
-                slices=cfg.model.slices,
-                split=split or cfg.data.train_split,
-            )
-            loader = build_volume_loader(
-                dataset,
-                rank=self.env.rank,
-                world_size=self.env.world_size,
-                batch_size=cfg.data.batch_size,
-                shuffle=split is None,
-                epoch=epoch,
-                num_workers=cfg.data.num_workers,
-                seed=cfg.seed,
-            )
-            return map(flatten_stacks, loader)
-        mode = "interactive" if self.interactive else "semantic"
-        kwargs = dict(
-            cfg=cfg.data,
-            image_size=cfg.model.image_size,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            mode=mode,
-        )
-        if split is not None:
-            return build_eval_loader(split=split, **kwargs)
-        return build_train_loader(epoch=epoch, **kwargs)
-
     def _batches(self):
         """Endless batches; (epoch, batches_in_epoch) is the exact data position."""
         while True:
-            loader = self._loader(self.epoch)
+            loader = self.task.loader(self.epoch)
             it = iter(loader)
             for _ in range(self.batches_in_epoch):  # resume: replay the consumed part
                 next(it)
@@ -209,47 +122,10 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        if self.interactive:
-            return interactive_step(
-                self.engine,
-                batch,
-                train=self.cfg.train,
-                step=self.step,
-                plan_generator=self.plan_gen,
-                click_generator=self.click_gen,
-                phases=self.phases,
-            )
-        return semantic_step(
-            self.engine,
-            batch,
-            train=self.cfg.train,
-            step=self.step,
-            phases=self.phases,
-            slices=self.cfg.model.slices,
-        )
+        return self.task.step(batch, step=self.step)
 
     def _metrics(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, float]:
-        # One device -> host transfer per step for all the figures.
-        host = {k: v.detach().float().cpu() for k, v in out.items()}
-        if self.interactive:
-            steps = host["loss_steps"]
-            if not torch.isfinite(steps).all():
-                bad = int((~torch.isfinite(steps)).nonzero()[0, 0]) + 1
-                raise NonFiniteLoss(
-                    f"step {self.step}: non-finite loss at interaction step {bad} of batch "
-                    f"{batch.get('keys')}"
-                )
-            metrics = {"loss": float(steps.mean())}
-            metrics.update({f"loss_step{i + 1}": float(v) for i, v in enumerate(steps)})
-            for part in ("focal", "dice", "iou"):
-                metrics[part] = float(host[part].mean())
-            metrics["first_prompt_point"] = float(host["prompt_kind"])
-        else:
-            if not torch.isfinite(host["loss"]):
-                raise NonFiniteLoss(
-                    f"step {self.step}: non-finite loss on batch {batch.get('keys')}"
-                )
-            metrics = {k: float(v) for k, v in host.items()}
+        metrics = self.task.metrics(out, batch, step=self.step)
         metrics.update({f"lr/{k}": v for k, v in self.engine.lr.items()})
         return metrics
 
@@ -340,29 +216,14 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         cfg = self.cfg
-        loader = self._loader(0, split=cfg.data.val_split)
+        loader = self.task.loader(0, split=cfg.data.val_split)
         if cfg.eval.max_samples:  # this rank's share, in whole batches
             share = math.ceil(cfg.eval.max_samples / self.env.world_size)
             loader = islice(loader, math.ceil(share / cfg.data.batch_size))
         self.engine.eval()
         try:
             keep = cfg.eval.overlays if self.env.is_main else 0
-            if self.interactive:
-                metrics, examples = validate_interactive(
-                    self.engine,
-                    loader,
-                    prompts=tuple(cfg.eval.prompts),
-                    clicks=cfg.eval.clicks,
-                    keep=keep,
-                )
-            else:
-                metrics, examples = validate_semantic(
-                    self.engine,
-                    loader,
-                    num_classes=cfg.model.num_classes,
-                    slices=cfg.model.slices,
-                    keep=keep,
-                )
+            metrics, examples = self.task.validate(loader, keep=keep)
             if examples and self.tracker.active:
                 name = f"overlays/step-{self.step:07d}"
                 for path in write_overlays(examples, self.run_dir / name):
