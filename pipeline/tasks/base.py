@@ -79,7 +79,8 @@ class Task(ABC):
     def metrics(
         self, outputs: dict[str, torch.Tensor], batch: dict[str, Any], *, step: int
     ) -> dict[str, float]:
-        """The step's figures as logged (the names are MLflow history: keep them stable).
+        """The step's figures as logged (the names are MLflow history: keep them stable). They
+        include ``loss``, which the progress bar and the log line show.
 
         Raises:
           NonFiniteLoss: the step's loss is NaN or Inf (the message names the batch's keys).
