@@ -48,12 +48,9 @@ __all__ = [
     "SAM_MED2D_CLICKS",
     "PromptKind",
     "StepPlan",
-    "jitter_boxes",
-    "mask_iou",
     "mask_prompt",
     "plan_interaction",
     "sample_clicks",
-    "sample_first_point",
 ]
 
 
@@ -184,9 +181,7 @@ def _binary_prediction(pred_logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(x) > 0.5
 
 
-def _sample_positions(
-    weights: torch.Tensor, k: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_positions(weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """Draw k flat positions per row uniformly among the True entries, with replacement.
 
     Inverse-CDF sampling on integer counts: exact, sync-free, and rows with no True entry fall
@@ -198,8 +193,7 @@ def _sample_positions(
       generator (torch.Generator): on ``weights.device``.
 
     Returns:
-      index (torch.Tensor): (P, k) int64 positions in [0, N).
-      has (torch.Tensor): (P, 1) bool, whether the row had any admissible position.
+      (torch.Tensor): (P, k) int64 positions in [0, N).
     """
     p, n = weights.shape
     counts = weights.cumsum(1, dtype=torch.int32 if n < 2**31 else torch.int64)
@@ -210,7 +204,7 @@ def _sample_positions(
     rank = torch.minimum((u * pool).floor().to(counts.dtype), pool - 1)
     # First position whose running count exceeds rank = the (rank+1)-th admissible position.
     position = torch.searchsorted(counts, rank, right=True)
-    return torch.where(has, position, rank.long()), has
+    return torch.where(has, position, rank.long())
 
 
 def _to_xy(index: torch.Tensor, width: int) -> torch.Tensor:
@@ -246,7 +240,7 @@ def sample_clicks(
     width = pred_logits.shape[-1]
     pred = _binary_prediction(pred_logits).flatten(1)
     truth = (target > 0.5).flatten(1)
-    index, _ = _sample_positions(pred != truth, k, generator)
+    index = _sample_positions(pred != truth, k, generator)
     pred_at, truth_at = pred.gather(1, index), truth.gather(1, index)
     minus_one = torch.full_like(index, -1)
     labels = torch.where(
@@ -255,77 +249,6 @@ def sample_clicks(
         torch.where(pred_at & ~truth_at, torch.zeros_like(index), minus_one),
     )
     return _to_xy(index, width), labels
-
-
-def sample_first_point(
-    target: torch.Tensor, *, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One point per mask for step 0, on the device (SAM-Med2D's ``init_point_sampling``, n=1).
-
-    The data loader normally provides this point; this is the same rule for on-device re-use:
-    a uniform foreground pixel labelled 1, or, for an empty mask, a uniform pixel labelled 0.
-
-    Arguments:
-      target (torch.Tensor): (P, 1, H, W) 0/1 ground truth.
-      generator (torch.Generator): on ``target.device``.
-
-    Returns:
-      coords (torch.Tensor): (P, 1, 2) float32 (x, y).
-      labels (torch.Tensor): (P, 1) int64.
-    """
-    if target.dim() != 4 or target.shape[1] != 1:
-        raise ValueError(f"sample_first_point: target must be (P, 1, H, W), got {target.shape}")
-    truth = (target > 0.5).flatten(1)
-    index, has = _sample_positions(truth, 1, generator)
-    return _to_xy(index, target.shape[-1]), has.long()
-
-
-def jitter_boxes(
-    boxes: torch.Tensor,
-    *,
-    generator: torch.Generator,
-    max_px: int = 5,
-    std_frac: float = 0.1,
-    size: int | tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """Shift each box by SAM-Med2D's random integer offset (``get_boxes_from_mask``).
-
-    Per box: ``m = min(max_px, floor(min(w, h) * std_frac * 5))``; ``dx``, ``dy`` uniform
-    integers in [-m, m - 1] (numpy's ``randint(-m, m)``; 0 when m = 0), added to both corners: a
-    translation, not a resize. SAM-Med2D does not clip the result; pass ``size`` to clip. The
-    data loader already jitters once when it builds a sample; this is the same rule on the
-    device, for re-prompting with a fresh box.
-
-    Arguments:
-      boxes (torch.Tensor): (P, 4) float boxes x0, y0, x1, y1 in pixels.
-      generator (torch.Generator): on ``boxes.device``.
-      max_px (int): noise cap in pixels.
-      std_frac (float): noise scale relative to the shorter box side.
-      size (int | tuple[int, int] | None): image side, or (height, width), to clip into.
-
-    Returns:
-      (torch.Tensor): (P, 4) jittered boxes, dtype of ``boxes``.
-    """
-    if boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"jitter_boxes: boxes must be (P, 4), got {tuple(boxes.shape)}")
-    if max_px < 0 or std_frac < 0:
-        raise ValueError(
-            f"jitter_boxes: max_px and std_frac must be >= 0, got {max_px}, {std_frac}"
-        )
-    # float64 so the floor matches SAM-Med2D's Python float arithmetic at integer boundaries.
-    b = boxes.to(torch.float64)
-    side = torch.minimum((b[:, 2] - b[:, 0]).abs(), (b[:, 3] - b[:, 1]).abs())
-    m = torch.clamp((side * std_frac * 5).floor(), max=float(max_px)).unsqueeze(1)
-    u = torch.rand((b.shape[0], 2), generator=generator, device=b.device, dtype=torch.float64)
-    shift = torch.minimum((u * 2 * m).floor() - m, m - 1)
-    shift = torch.where(m > 0, shift, torch.zeros_like(shift))
-    out = b + shift.repeat(1, 2)
-    if size is not None:
-        height, width = (size, size) if isinstance(size, int) else size
-        # Scalar clamps per axis: a limit tensor built from a Python list would be a host copy.
-        xs, ys = out[:, 0::2].clamp(0, width), out[:, 1::2].clamp(0, height)
-        out = torch.stack((xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]), 1)
-    return out.to(boxes.dtype)
 
 
 def mask_prompt(low_res_logits: torch.Tensor, *, as_probs: bool = True) -> torch.Tensor:
@@ -346,21 +269,3 @@ def mask_prompt(low_res_logits: torch.Tensor, *, as_probs: bool = True) -> torch
         raise ValueError(f"mask_prompt: need (P, 1, h, w), got {tuple(low_res_logits.shape)}")
     x = low_res_logits.detach()
     return torch.sigmoid(x) if as_probs else x
-
-
-def mask_iou(pred_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-mask IoU at sigmoid > 0.5, eps 1e-7 as SAM-Med2D's ``metrics.iou`` (empty vs empty = 1).
-
-    Arguments:
-      pred_logits (torch.Tensor): (P, 1, H, W) logits.
-      target (torch.Tensor): (P, 1, H, W) 0/1 ground truth.
-
-    Returns:
-      (torch.Tensor): (P,) float32 IoU, no gradient.
-    """
-    _check_masks(pred_logits, target, "mask_iou")
-    pred = _binary_prediction(pred_logits.detach()).flatten(1)
-    truth = (target > 0.5).flatten(1)
-    inter = (pred & truth).sum(1, dtype=torch.float32)
-    union = (pred | truth).sum(1, dtype=torch.float32)
-    return (inter + 1e-7) / (union + 1e-7)

@@ -16,11 +16,10 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from pipeline.config import TrainConfig
 
-__all__ = ["PhaseGatedAdamW", "build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = ["PhaseGatedAdamW", "build_optimizer", "lr_factor"]
 
 
 class PhaseGatedAdamW(torch.optim.AdamW):
@@ -132,8 +131,3 @@ def lr_factor(step: int, *, train: TrainConfig) -> float:
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
     return floor + (1.0 - floor) * (1.0 - t) ** train.poly_power
 
-
-def build_scheduler(optimizer: torch.optim.Optimizer, *, train: TrainConfig) -> LambdaLR:
-    """``lr_factor`` as a ``LambdaLR`` (one ``scheduler.step()`` per training step), for plain
-    PyTorch loops. The engine sets the rate from the trainer's step counter instead."""
-    return LambdaLR(optimizer, lambda step: lr_factor(step, train=train))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import collections
 import inspect
-import math
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from pipeline import interact, losses
 from pipeline.interact import (
     SAM_MED2D_CLICKS,
-    jitter_boxes,
-    mask_iou,
     mask_prompt,
     plan_interaction,
     sample_clicks,
-    sample_first_point,
 )
 
 
@@ -113,7 +109,7 @@ def test_plan_is_deterministic_per_seed():
 
 
 # ---------------------------------------------------------------------------------------------
-# sample_clicks / sample_first_point
+# sample_clicks
 # ---------------------------------------------------------------------------------------------
 
 
@@ -201,70 +197,17 @@ def test_clicks_accept_bf16_logits_and_reject_bad_shapes():
         sample_clicks(logits, target, k=0, generator=_gen(0))
 
 
-def test_first_point_is_foreground_or_background_for_empty_masks():
-    _, target = _click_batch()
-    for seed in range(10):
-        coords, labels = sample_first_point(target, generator=_gen(seed))
-        assert coords.shape == (6, 1, 2) and labels.shape == (6, 1)
-        for i in range(6):
-            x, y = coords[i, 0].long().tolist()
-            empty = not bool(target[i].any())
-            assert labels[i, 0].item() == (0 if empty else 1)
-            if not empty:
-                assert target[i, 0, y, x] == 1
-
-
 # ---------------------------------------------------------------------------------------------
-# jitter_boxes, mask_prompt, mask_iou
+# mask_prompt
 # ---------------------------------------------------------------------------------------------
 
 
-def test_jitter_follows_sam_med2d_noise_rule():
-    sides = [2, 3, 4, 6, 8, 10, 30, 1]
-    boxes = torch.tensor([[20.0, 40.0, 20.0 + s, 40.0 + 2 * s] for s in sides])
-    reps = 400
-    out = jitter_boxes(boxes.repeat(reps, 1), generator=_gen(0)).view(reps, len(sides), 4)
-    shift = out - boxes
-    assert torch.equal(shift[..., 0], shift[..., 2]) and torch.equal(shift[..., 1], shift[..., 3])
-    for j, s in enumerate(sides):
-        m = min(5, int(s * 0.1 * 5))  # SAM-Med2D's Python arithmetic
-        for axis in (0, 1):
-            values = set(shift[:, j, axis].tolist())
-            assert values == ({float(v) for v in range(-m, m)} if m > 0 else {0.0}), (s, values)
-    assert jitter_boxes(boxes, generator=_gen(0), max_px=0).equal(boxes)
-    a = jitter_boxes(boxes, generator=_gen(4))
-    assert torch.equal(a, jitter_boxes(boxes, generator=_gen(4)))
-    edge = torch.tensor([[0.0, 1.0, 60.0, 31.0]])
-    clipped = jitter_boxes(edge.repeat(200, 1), generator=_gen(1), size=(32, 62))
-    assert clipped[:, 0::2].min() >= 0 and clipped[:, 0::2].max() <= 62
-    assert clipped[:, 1::2].min() >= 0 and clipped[:, 1::2].max() <= 32
-    with pytest.raises(ValueError, match="jitter_boxes: boxes must be"):
-        jitter_boxes(boxes[:, :3], generator=_gen(0))
-
-
-def test_mask_prompt_and_mask_iou():
+def test_mask_prompt_is_detached_probabilities_or_logits():
     low = torch.randn(3, 1, 4, 4, requires_grad=True)
     probs = mask_prompt(low)
     assert not probs.requires_grad and torch.equal(probs, torch.sigmoid(low.detach()))
     raw = mask_prompt(low, as_probs=False)
     assert not raw.requires_grad and torch.equal(raw, low.detach())
-    logits, target = _click_batch()
-    got = mask_iou(logits, target)
-    pred = torch.sigmoid(logits) > 0.5
-    for i in range(6):
-        inter = sum(
-            1
-            for a, b in zip(pred[i].flatten().tolist(), target[i].flatten().tolist(), strict=True)
-            if a and b > 0.5
-        )
-        union = sum(
-            1
-            for a, b in zip(pred[i].flatten().tolist(), target[i].flatten().tolist(), strict=True)
-            if a or b > 0.5
-        )
-        assert math.isclose(got[i].item(), (inter + 1e-7) / (union + 1e-7), rel_tol=1e-6)
-    assert got[1].item() == pytest.approx(1.0) and got[2].item() < 1e-6
-    assert got[3].item() == pytest.approx(1.0)  # empty vs empty
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,10 +262,7 @@ def _hot_path(g: torch.Generator) -> None:
     semantic = losses.build_semantic_loss("ce_dice", reduction="mask", include_background=False)
     semantic(torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8)))
     sample_clicks(logits, target, k=9, generator=g)
-    sample_first_point(target, generator=g)
-    jitter_boxes(torch.rand(4, 4) * 10, generator=g, size=16)
     mask_prompt(best)
-    mask_iou(logits, target)
 
 
 def test_hot_path_runs_on_fake_tensors():
