@@ -301,14 +301,14 @@ def _export_parser(dtypes: list[str]) -> argparse.ArgumentParser:
 
 def _export(argv: list[str]) -> int:
     """``samadapt export CONFIG STATE OUT [--dtype bf16] [--merged FILE] [key=value ...]``."""
-    from pipeline.model import CheckpointError
+    from pipeline.model import WeightsError
     from pipeline.model.export import DTYPES, export_state, write_merged
 
     args = _export_parser(sorted(DTYPES)).parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides).model
     try:
         out = export_state(cfg, args.state, args.out, dtype=args.dtype)
-    except CheckpointError as err:
+    except WeightsError as err:
         raise SystemExit(f"samadapt export: {err}") from None
     if args.merged:
         if not cfg.checkpoint:

@@ -21,7 +21,7 @@ from segment_anything.modeling import (
 )
 
 from configtree import ConfigError
-from pipeline.model import CheckpointError, build_model
+from pipeline.model import WeightsError, build_model
 from pipeline.model.build import build_meta_model
 from pipeline.model.config import ModelConfig
 from samadapt.cli import main
@@ -245,14 +245,14 @@ def test_checkpoint_errors(tmp_path, stock128):
     good = stock128.state_dict()
     cfg = tiny_cfg(image_size=128)
 
-    with pytest.raises(CheckpointError, match="checkpoint file not found"):
+    with pytest.raises(WeightsError, match="checkpoint file not found"):
         build_model(cfg=dataclasses.replace(cfg, checkpoint=str(tmp_path / "nope.pth")))
 
     bad = dict(good)
     key = "image_encoder.blocks.0.attn.qkv.weight"
     bad[key + "t"] = bad.pop(key)
     torch.save(bad, tmp_path / "key.pth")
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(WeightsError) as err:
         build_model(cfg=dataclasses.replace(cfg, checkpoint=str(tmp_path / "key.pth")))
     msg = str(err.value)
     assert "missing keys: image_encoder.blocks.0.attn.qkv.weight" in msg
@@ -262,7 +262,7 @@ def test_checkpoint_errors(tmp_path, stock128):
     bad["mask_decoder.iou_token.weight"] = torch.zeros(1, 128)
     torch.save(bad, tmp_path / "shape.pth")
     with pytest.raises(
-        CheckpointError,
+        WeightsError,
         match=r"mask_decoder.iou_token.weight: checkpoint \(1, 128\)"
         r" vs model \(1, 256\)",
     ):
@@ -270,18 +270,18 @@ def test_checkpoint_errors(tmp_path, stock128):
 
     deeper = stock_sam(128, depth=3)
     torch.save({"model": deeper.state_dict()}, tmp_path / "deep.pth")  # wrapped, as SAM-Med2D
-    with pytest.raises(CheckpointError, match="width 64, 3 blocks .* builds width 64, 2 blocks"):
+    with pytest.raises(WeightsError, match="width 64, 3 blocks .* builds width 64, 2 blocks"):
         build_model(cfg=dataclasses.replace(cfg, checkpoint=str(tmp_path / "deep.pth")))
 
     many = dict(good)
     for i in range(8):
         many[f"extra.{i}"] = torch.zeros(1)
     torch.save(many, tmp_path / "many.pth")
-    with pytest.raises(CheckpointError, match=r"unexpected keys: extra.0, .*\(8 in all\)"):
+    with pytest.raises(WeightsError, match=r"unexpected keys: extra.0, .*\(8 in all\)"):
         build_model(cfg=dataclasses.replace(cfg, checkpoint=str(tmp_path / "many.pth")))
 
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
         build_model(cfg=dataclasses.replace(cfg, checkpoint=str(tmp_path / "junk.pth")))
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.model import CheckpointError, build_model, export_trainable, load_exported
+from pipeline.model import WeightsError, build_model, export_trainable, load_exported
 from pipeline.model.config import ModelConfig
 from pipeline.model.export import read_export
 from pipeline.model.peft import peft_method_of
@@ -143,9 +143,9 @@ def test_prompt_free_export_load_onto_fresh_base_identical(
 
 def test_export_errors(tmp_path, base_checkpoint):
     torch.save({"format": "something-else"}, tmp_path / "x.pt")
-    with pytest.raises(CheckpointError, match="not a samadapt export"):
+    with pytest.raises(WeightsError, match="not a samadapt export"):
         load_exported(tmp_path / "x.pt")
-    with pytest.raises(CheckpointError, match="export file not found"):
+    with pytest.raises(WeightsError, match="export file not found"):
         load_exported(tmp_path / "missing.pt")
     model = build_model(cfg=tiny_cfg(peft=["lora"]))
     path = export_trainable(model, tmp_path / "lora.pt", dtype=torch.bfloat16)
@@ -153,7 +153,7 @@ def test_export_errors(tmp_path, base_checkpoint):
     assert all(v.dtype == torch.bfloat16 for v in payload["tensors"].values())
     payload["tensors"].pop("image_encoder.blocks.0.attn.qkv.lora.a_q.weight")
     torch.save(payload, tmp_path / "broken.pt")
-    with pytest.raises(CheckpointError, match="missing keys: image_encoder.blocks.0.attn.qkv.lora"):
+    with pytest.raises(WeightsError, match="missing keys: image_encoder.blocks.0.attn.qkv.lora"):
         load_exported(tmp_path / "broken.pt")
     with pytest.raises(KeyError, match="unexpected keys: nonsense"):
         model.load_trainable_state_dict(

@@ -14,22 +14,22 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time see __getattr__
     from pipeline.model.build import build_meta_model, build_model
-    from pipeline.model.checkpoint import CheckpointError, load_sam_checkpoint
     from pipeline.model.export import export_trainable, load_exported
+    from pipeline.model.weights import WeightsError, load_sam_checkpoint
     from pipeline.model.wrapper import SamAdapt
 
 _WHERE = {
-    "CheckpointError": "pipeline.model.checkpoint",
+    "WeightsError": "pipeline.model.weights",
     "SamAdapt": "pipeline.model.wrapper",
     "build_meta_model": "pipeline.model.build",
     "build_model": "pipeline.model.build",
     "export_trainable": "pipeline.model.export",
     "load_exported": "pipeline.model.export",
-    "load_sam_checkpoint": "pipeline.model.checkpoint",
+    "load_sam_checkpoint": "pipeline.model.weights",
 }
 
 __all__ = [
-    "CheckpointError",
+    "WeightsError",
     "SamAdapt",
     "build_meta_model",
     "build_model",

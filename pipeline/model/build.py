@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from pipeline.model.checkpoint import load_sam_checkpoint
 from pipeline.model.config import ModelConfig
+from pipeline.model.weights import load_sam_checkpoint
 from pipeline.model.wrapper import SamAdapt
 
 log = logging.getLogger(__name__)

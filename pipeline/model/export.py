@@ -20,8 +20,8 @@ import torch
 
 from configtree import ConfigError, from_dict
 from pipeline.model.build import build_model
-from pipeline.model.checkpoint import CheckpointError, read_state_dict
 from pipeline.model.config import ModelConfig
+from pipeline.model.weights import WeightsError, read_state_dict
 from pipeline.model.wrapper import SamAdapt
 
 log = logging.getLogger(__name__)
@@ -89,23 +89,23 @@ def read_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.T
     """The config and tensors of an export file (clear errors for anything else)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: export file not found")
+        raise WeightsError(f"{path}: export file not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch file ({exc})") from exc
+        raise WeightsError(f"{path}: not a readable PyTorch file ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"{path}: not a samadapt export (format {found!r})")
+        raise WeightsError(f"{path}: not a samadapt export (format {found!r})")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     stored = payload["model"]
     unknown = sorted(set(stored) - known)
     if unknown:
-        raise CheckpointError(f"{path}: model config has keys this version lacks: {unknown}")
+        raise WeightsError(f"{path}: model config has keys this version lacks: {unknown}")
     try:
         cfg = from_dict(ModelConfig, stored, prefix="model.")
     except ConfigError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+        raise WeightsError(f"{path}: {err}") from None
     return cfg, payload["tensors"]
 
 
@@ -137,7 +137,7 @@ def load_exported(
     try:
         model.load_trainable_state_dict(tensors, strict=True)
     except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{path}: {err}") from err
+        raise WeightsError(f"{path}: {err}") from err
     if merge:
         merged = model.merge_peft()
         log.info("merged %s into the base weights", merged or "nothing")
@@ -151,7 +151,7 @@ def read_trained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         except ImportError as exc:  # pragma: no cover - deepspeed is a dependency
-            raise CheckpointError(f"{path}: reading DeepSpeed checkpoints needs deepspeed") from exc
+            raise WeightsError(f"{path}: reading DeepSpeed checkpoints needs deepspeed") from exc
         attempts = [(path, None), (path.parent, path.name)]
         errors = []
         for folder, tag in attempts:
@@ -160,7 +160,7 @@ def read_trained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 return {k: v for k, v in state.items()}
             except Exception as exc:  # DeepSpeed raises several kinds
                 errors.append(f"{folder} tag={tag}: {exc}")
-        raise CheckpointError(f"{path}: not a DeepSpeed checkpoint ({'; '.join(errors)})")
+        raise WeightsError(f"{path}: not a DeepSpeed checkpoint ({'; '.join(errors)})")
     return read_state_dict(path)
 
 
@@ -181,7 +181,7 @@ def export_state(
       dtype: "fp32", "bf16" or "fp16" (``DTYPES``) for the floating tensors.
 
     Returns:
-      Path: the written export. Raises ``CheckpointError`` naming ``state`` when it lacks the
+      Path: the written export. Raises ``WeightsError`` naming ``state`` when it lacks the
       model's trained tensors.
     """
     # Base weights are not needed to pick out trained tensors; keep the base path in the config.
@@ -193,7 +193,7 @@ def export_state(
     try:
         model.load_trainable_state_dict(found, strict=True)
     except KeyError as err:
-        raise CheckpointError(f"{state}: {err}") from None
+        raise WeightsError(f"{state}: {err}") from None
     return export_trainable(
         model,
         out,

@@ -1,4 +1,4 @@
-"""Load Meta's SAM checkpoints (``sam_vit_{b,l,h}_*.pth``) into a ``SamAdapt`` model.
+"""Base SAM weights: Meta's checkpoints (``sam_vit_{b,l,h}_*.pth``) loaded into ``SamAdapt``.
 
 Meta's state dict holds ``image_encoder.*``, ``prompt_encoder.*`` and ``mask_decoder.*`` for a
 1024 px encoder. Loading:
@@ -35,8 +35,10 @@ BASE_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 _SHOW = 5  # keys listed in an error
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint does not fit the model; the message names the file and the first keys."""
+class WeightsError(RuntimeError):
+    """A weights file (Meta's SAM checkpoint, an export, a trained state) is missing, unreadable
+    or does not fit the model; the message names the file and the first keys. (A training
+    checkpoint that does not fit the run is ``pipeline.checkpoint.CheckpointError``.)"""
 
 
 def _first(keys: list[str], n: int = _SHOW) -> str:
@@ -55,17 +57,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+        raise WeightsError(f"{path}: checkpoint file not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors alike
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             if not any(k.startswith(BASE_PREFIXES) for k in obj):
                 obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: does not hold a state dict of tensors")
+        raise WeightsError(f"{path}: does not hold a state dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
@@ -153,7 +155,7 @@ def adapt_state_dict(
       source: the file, for messages.
 
     Returns:
-      dict[str, torch.Tensor]: the state with fitting shapes; raises CheckpointError otherwise.
+      dict[str, torch.Tensor]: the state with fitting shapes; raises WeightsError otherwise.
     """
     out: dict[str, torch.Tensor] = {}
     bad: list[str] = []
@@ -178,7 +180,7 @@ def adapt_state_dict(
         else:
             bad.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(want)}")
     if bad:
-        raise CheckpointError(f"{source}: tensor shapes differ from the model: {_first(bad)}")
+        raise WeightsError(f"{source}: tensor shapes differ from the model: {_first(bad)}")
     if resized:
         log.info("%s: resized %d position tables, e.g. %s", source, len(resized), resized[0])
     return out
@@ -192,7 +194,7 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
       path (str): ``sam_vit_b_01ec64.pth`` or alike.
 
     Raises:
-      CheckpointError: missing file, another encoder size, missing/unexpected keys, shapes.
+      WeightsError: missing file, another encoder size, missing/unexpected keys, shapes.
     """
     source = str(path)
     state = {_rename_sam_med2d(k): v for k, v in read_state_dict(path).items()}
@@ -201,7 +203,7 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     want_width = model.image_encoder.patch_embed.proj.out_channels
     want_depth = len(model.image_encoder.blocks)
     if (width, depth) != (want_width, want_depth) and width:
-        raise CheckpointError(
+        raise WeightsError(
             f"{source}: checkpoint encoder is width {width}, {depth} blocks "
             f"({_arch_name(width, depth)}), but model.arch={model.cfg.arch} builds width "
             f"{want_width}, {want_depth} blocks ({_arch_name(want_width, want_depth)})"
@@ -216,7 +218,7 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
             parts.append(f"missing keys: {_first(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_first(unexpected)}")
-        raise CheckpointError(
+        raise WeightsError(
             f"{source}: does not match the SAM layout (image_encoder.*, prompt_encoder.*, "
             f"mask_decoder.*) of model.arch={model.cfg.arch}; " + "; ".join(parts)
         )
@@ -224,7 +226,7 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     result = model.load_state_dict(fitted, strict=False)
     left = [k for k in result.missing_keys if k in base]
     if left or result.unexpected_keys:  # cannot happen after the checks above; stay loud
-        raise CheckpointError(f"{source}: incomplete load: {_first(left + result.unexpected_keys)}")
+        raise WeightsError(f"{source}: incomplete load: {_first(left + result.unexpected_keys)}")
     peft_loaded = sorted({m for k in fitted if (m := peft_method_of(k))})
     log.info(
         "loaded %s (%d tensors%s)",
