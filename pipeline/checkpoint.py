@@ -11,12 +11,8 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/step-0000200/``::
 
 (DeepSpeed also drops its ``zero_to_fp32.py`` recovery script into ``RUN_DIR/checkpoints``.)
 A folder without ``COMPLETE`` (a job killed mid-save) is ignored by ``latest_complete`` and refused
-by ``resolve_resume``. Rank 0 keeps the last ``train.keep_checkpoints`` complete ones.
-
-Preemption: ``install_signal_handlers()`` returns a flag set on SIGTERM / SIGUSR1 (Slurm sends
-one before the time limit with ``--signal``). Ranks may get the signal at different steps, so the
-trainer asks ``should_stop(flag)`` (an all-reduce) each step, saves, and exits with
-``EXIT_REQUEUE``.
+by ``resolve_resume``. Rank 0 keeps the last ``train.keep_checkpoints`` complete ones. (Saving on
+SIGTERM / SIGUSR1 and the requeue exit status are ``pipeline/process.py``'s.)
 """
 
 from __future__ import annotations
@@ -27,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,31 +30,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from configtree import ConfigError
 from pipeline.distributed import barrier, get_rank, get_world_size
 
 __all__ = [
-    "EXIT_REQUEUE",
     "CheckpointError",
     "Resumed",
-    "StopFlag",
     "checkpoint_dir",
-    "install_signal_handlers",
     "latest_complete",
     "load_checkpoint",
     "prune_checkpoints",
     "resolve_resume",
     "save_checkpoint",
-    "should_stop",
 ]
 
 log = logging.getLogger(__name__)
-
-EXIT_REQUEUE = 75
-"""Exit status after a checkpoint on SIGTERM/SIGUSR1: EX_TEMPFAIL, "try again" (the launcher
-requeues); distinct from success (0), errors (1) and a kill without a save (143, 137)."""
 
 COMPLETE = "COMPLETE"
 META = "meta.json"
@@ -296,58 +282,3 @@ def prune_checkpoints(run_dir: str | Path, *, keep: int) -> list[Path]:
         (path / COMPLETE).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
     return doomed
-
-
-class StopFlag:
-    """Set by a signal handler; read by the trainer through ``should_stop``."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __bool__(self) -> bool:
-        return self.signum is not None
-
-    def set(self, signum: int) -> None:
-        self.signum = signum
-
-    def restore(self) -> None:
-        """Put back the handlers that were there before ``install_signal_handlers``."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-
-def install_signal_handlers(
-    signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1),
-) -> StopFlag:
-    """Make SIGTERM / SIGUSR1 set a flag instead of killing the process (main thread only).
-
-    Returns:
-      The ``StopFlag``; pass it to ``should_stop`` once per step.
-    """
-    flag = StopFlag()
-
-    def handler(signum: int, _frame: Any) -> None:
-        # Only set a flag: saving from inside a signal handler would interleave with a step.
-        flag.set(signum)
-        log.warning("got %s: will checkpoint and stop", signal.Signals(signum).name)
-
-    for signum in signals:
-        flag._previous[signum] = signal.signal(signum, handler)
-    return flag
-
-
-def should_stop(flag: StopFlag) -> bool:
-    """True on every rank if any rank got a stop signal (collective: all ranks call it).
-
-    One all-reduce of one integer per call: a sync point, cheap next to a training step.
-    """
-    stop = 1 if flag else 0
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        on_gpu = "nccl" in str(dist.get_backend())
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
-        value = torch.tensor([stop], dtype=torch.int32, device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        stop = int(value.item())
-    return bool(stop)

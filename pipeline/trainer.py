@@ -23,21 +23,14 @@ import torch
 from tqdm import tqdm
 
 from configtree import ConfigError, flatten, save_config
-from pipeline.checkpoint import (
-    EXIT_REQUEUE,
-    install_signal_handlers,
-    latest_complete,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-    should_stop,
-)
+from pipeline.checkpoint import latest_complete, load_checkpoint, resolve_resume, save_checkpoint
 from pipeline.config import PipelineConfig
 from pipeline.data.shards import read_manifest
 from pipeline.distributed import DistEnv
 from pipeline.engine import build_engine
 from pipeline.model import build_model, export_trainable
 from pipeline.overlay import write_overlays
+from pipeline.process import EXIT_REQUEUE, install_signal_handlers, should_stop
 from pipeline.tasks import NonFiniteLoss, build_task, task_class
 from pipeline.tracking import Tracker
 

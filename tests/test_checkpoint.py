@@ -26,16 +26,15 @@ from pipeline.checkpoint import (
     COMPLETE,
     CheckpointError,
     checkpoint_dir,
-    install_signal_handlers,
     latest_complete,
     load_checkpoint,
     prune_checkpoints,
     resolve_resume,
     save_checkpoint,
-    should_stop,
 )
 from pipeline.distributed import barrier, free_port
 from pipeline.engine import build_engine
+from pipeline.process import install_signal_handlers, should_stop
 
 STEPS = 7
 SAVE_AT = {2, 3, 4}
