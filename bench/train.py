@@ -267,8 +267,8 @@ class _Ours(_Side):
         import torch
 
         from pipeline.data.stream import build_train_loader
-        from pipeline.distributed import dist_env, init_distributed
-        from pipeline.engine import build_engine
+        from pipeline.distributed import dist_env
+        from pipeline.engine import build_engine, init_distributed
         from pipeline.model import build_model
         from pipeline.steps import interactive_step
         from samadapt.config import load_config

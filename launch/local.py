@@ -25,6 +25,7 @@ def call_entry(entry: str, argv: list[str]) -> int:
 
 
 def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (the rendezvous of the local ranks; tests use it too)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -9,22 +9,21 @@ Pure functions over the environment, in the order launchers set it:
   ``SLURM_NTASKS_PER_NODE`` / ``SLURM_TASKS_PER_NODE`` and ``SLURM_JOB_NODELIST``;
 - nothing: one process, rank 0 of 1.
 
-Nothing here imports submitit (that is ``launch/``'s job) and DeepSpeed is imported late, so
-reading the environment stays cheap.
+Nothing here imports submitit (that is ``launch/``'s job) or DeepSpeed: the process group is
+joined through DeepSpeed, by ``pipeline.engine.init_distributed``.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 __all__ = [
     "DistEnv",
@@ -32,10 +31,8 @@ __all__ = [
     "cleanup",
     "device",
     "dist_env",
-    "free_port",
     "get_rank",
     "get_world_size",
-    "init_distributed",
     "is_main",
     "setup_logging",
 ]
@@ -95,13 +92,6 @@ def _backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def free_port() -> int:
-    """An unused TCP port on this host (for single-process runs and tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Read rank, world size and rendezvous from the launcher's environment variables.
 
@@ -110,7 +100,8 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
 
     Returns:
       A ``DistEnv``. With no launcher variables: rank 0 of 1 on 127.0.0.1 with ``MASTER_PORT``
-      or a free port.
+      or a free port (torch's ``get_free_port``; ``launch`` picks the port of the ranks it
+      starts itself).
     """
     env = os.environ if environ is None else environ
     backend = _backend()
@@ -147,54 +138,9 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         world_size=1,
         local_world_size=1,
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=_int(env, "MASTER_PORT", 0) or free_port(),
+        master_port=_int(env, "MASTER_PORT", 0) or get_free_port(),
         backend=backend,
     )
-
-
-def init_distributed(env: DistEnv, *, timeout_s: float = 1800.0) -> torch.device:
-    """Join the process group (gloo on CPU, nccl on GPU) through DeepSpeed.
-
-    Exports the ``DistEnv`` as the torchrun variables (DeepSpeed and WebDataset's
-    ``split_by_node`` read them), pins the GPU of this local rank, and is a no-op when the group
-    already exists.
-
-    Arguments:
-      env: from ``dist_env()``.
-      timeout_s: how long a collective waits for the other ranks before failing (long enough
-        for a slow checkpoint save or validation on rank 0).
-
-    Returns:
-      The device this rank computes on.
-    """
-    for key, value in (
-        ("RANK", env.rank),
-        ("LOCAL_RANK", env.local_rank),
-        ("WORLD_SIZE", env.world_size),
-        ("LOCAL_WORLD_SIZE", env.local_world_size),
-        ("MASTER_ADDR", env.master_addr),
-        ("MASTER_PORT", env.master_port),
-    ):
-        os.environ[key] = str(value)
-    if env.backend == "gloo":
-        # DeepSpeed reads this once, when it first picks an accelerator.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    dev = device(env)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        import deepspeed
-
-        deepspeed.init_distributed(
-            dist_backend=env.backend,
-            auto_mpi_discovery=False,
-            distributed_port=env.master_port,
-            verbose=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            rank=env.rank,
-            world_size=env.world_size,
-        )
-    return dev
 
 
 def device(env: DistEnv) -> torch.device:

@@ -1,7 +1,9 @@
-"""The only DeepSpeed code: the engine config generated from the config tree, and a thin engine.
+"""The only DeepSpeed code: the process group, the engine config generated from the config tree,
+a thin engine, and reading DeepSpeed checkpoints back.
 
-The DeepSpeed JSON is never kept by hand: ``deepspeed_config`` derives it from ``TrainConfig`` and
-the data batch size, so batch size, precision and ZeRO stage are defined once. ``build_engine``
+``init_distributed`` joins the process group through DeepSpeed. The DeepSpeed JSON is never kept
+by hand: ``deepspeed_config`` derives it from ``TrainConfig`` and the data batch size, so batch
+size, precision and ZeRO stage are defined once. ``build_engine``
 wraps ``deepspeed.initialize`` around the model with a ``PhaseGatedAdamW`` client optimizer (one
 group per training phase) and returns an ``Engine`` with the five calls a trainer needs:
 ``forward``, ``backward``, ``step``, ``save``, ``load``.
@@ -11,7 +13,9 @@ Same code path on one CPU process, CPU ranks over gloo, and GPUs over nccl.
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,16 +26,68 @@ from torch import nn
 
 from configtree import ConfigError
 from pipeline.config import TrainConfig
-from pipeline.distributed import DistEnv
+from pipeline.distributed import DistEnv, device
+from pipeline.model.weights import WeightsError
 from pipeline.optim import PhaseGatedAdamW, build_optimizer, lr_factor
 from pipeline.process import keep_freed_host_memory
 
-__all__ = ["Engine", "build_engine", "deepspeed_config"]
+__all__ = [
+    "Engine",
+    "build_engine",
+    "deepspeed_config",
+    "init_distributed",
+    "read_zero_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
 # DeepSpeed would print a throughput line every this many steps; we log our own.
 _NEVER = 2**31 - 1
+
+
+def init_distributed(env: DistEnv, *, timeout_s: float = 1800.0) -> torch.device:
+    """Join the process group (gloo on CPU, nccl on GPU) through DeepSpeed.
+
+    Exports the ``DistEnv`` as the torchrun variables (DeepSpeed and WebDataset's
+    ``split_by_node`` read them), pins the GPU of this local rank, and is a no-op when the group
+    already exists.
+
+    Arguments:
+      env: from ``dist_env()``.
+      timeout_s: how long a collective waits for the other ranks before failing (long enough
+        for a slow checkpoint save or validation on rank 0).
+
+    Returns:
+      The device this rank computes on.
+    """
+    for key, value in (
+        ("RANK", env.rank),
+        ("LOCAL_RANK", env.local_rank),
+        ("WORLD_SIZE", env.world_size),
+        ("LOCAL_WORLD_SIZE", env.local_world_size),
+        ("MASTER_ADDR", env.master_addr),
+        ("MASTER_PORT", env.master_port),
+    ):
+        os.environ[key] = str(value)
+    if env.backend == "gloo":
+        # DeepSpeed reads this once, when it first picks an accelerator.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    dev = device(env)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not tdist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(
+            dist_backend=env.backend,
+            auto_mpi_discovery=False,
+            distributed_port=env.master_port,
+            verbose=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            rank=env.rank,
+            world_size=env.world_size,
+        )
+    return dev
 
 
 def deepspeed_config(
@@ -424,3 +480,27 @@ def build_engine(
         list(optimizer.phases),
     )
     return Engine(ds_engine, optimizer, train=train, config=config)
+
+
+def read_zero_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a DeepSpeed checkpoint, consolidated from its ZeRO partitions.
+
+    Arguments:
+      path: a checkpoint tag folder (``RUN_DIR/checkpoints/step-0000200``) or the folder holding
+        tags and DeepSpeed's ``latest`` file.
+
+    Returns:
+      The tensors by parameter name. Raises ``WeightsError`` naming the folder when DeepSpeed
+      cannot read it either way.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = Path(path)
+    errors = []
+    for folder, tag in ((path, None), (path.parent, path.name)):
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+            return {k: v for k, v in state.items()}
+        except Exception as exc:  # DeepSpeed raises several kinds
+            errors.append(f"{folder} tag={tag}: {exc}")
+    raise WeightsError(f"{path}: not a DeepSpeed checkpoint ({'; '.join(errors)})")

@@ -25,9 +25,10 @@ def run_rank(cfg: PipelineConfig) -> int:
 
     Returns:
       The rank's exit code: 0 when training finished, ``EXIT_NON_FINITE`` after a NaN/Inf loss,
-      ``pipeline.checkpoint.EXIT_REQUEUE`` after a checkpoint on a preemption signal.
+      ``pipeline.process.EXIT_REQUEUE`` after a checkpoint on a preemption signal.
     """
-    from pipeline.distributed import cleanup, dist_env, init_distributed, setup_logging
+    from pipeline.distributed import cleanup, dist_env, setup_logging
+    from pipeline.engine import init_distributed
     from pipeline.trainer import NonFiniteLoss, Trainer
 
     setup_logging()

@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from test_engine import BATCH, PLAN, WORLD, groups, make_toy, spawn_env, train_cfg
 
 from configtree import ConfigError
+from launch.local import free_port
 from pipeline.checkpoint import (
     COMPLETE,
     CheckpointError,
@@ -32,7 +33,7 @@ from pipeline.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from pipeline.distributed import barrier, free_port
+from pipeline.distributed import barrier
 from pipeline.engine import build_engine
 from pipeline.process import install_signal_handlers, should_stop
 

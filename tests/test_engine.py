@@ -17,9 +17,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from configtree import ConfigError
+from launch.local import free_port
 from pipeline.config import TrainConfig
-from pipeline.distributed import DistEnv, dist_env, free_port, init_distributed, setup_logging
-from pipeline.engine import build_engine, deepspeed_config
+from pipeline.distributed import DistEnv, dist_env, setup_logging
+from pipeline.engine import build_engine, deepspeed_config, init_distributed
 from pipeline.optim import PhaseGatedAdamW, build_optimizer, lr_factor
 from samadapt.config import load_config
 

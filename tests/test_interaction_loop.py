@@ -11,7 +11,9 @@ import torch
 import torch.multiprocessing as mp
 from conftest import ROOT, SMALL_SIZE
 
-from pipeline.distributed import DistEnv, free_port, init_distributed
+from launch.local import free_port
+from pipeline.distributed import DistEnv
+from pipeline.engine import init_distributed
 from samadapt.config import load_config
 
 N_STEPS = 9

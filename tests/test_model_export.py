@@ -280,7 +280,7 @@ def test_export_cli_from_a_deepspeed_checkpoint(tmp_path, base_checkpoint):
     import subprocess
     import sys
 
-    from pipeline.distributed import free_port
+    from launch.local import free_port
 
     config = _write_config(tmp_path, base_checkpoint, peft=["lora", "adapter3d"], head="sam")
     env = dict(

@@ -4,8 +4,8 @@ An export holds ``{"format", "model" (the ModelConfig as a dict), "tensors", "me
 loaded onto a stock Meta checkpoint by ``load_exported`` (optionally merging LoRA/FacT into the
 base weights). ``export_state`` (``samadapt export CONFIG STATE OUT``) writes one from a trained
 state: a file saved with ``torch.save`` (a full or trainable-only state dict, possibly under
-``module``/``model``) or a DeepSpeed checkpoint directory (consolidated with DeepSpeed's
-``zero_to_fp32``).
+``module``/``model``) or a DeepSpeed checkpoint directory (consolidated by
+``pipeline.engine.read_zero_checkpoint``).
 """
 
 from __future__ import annotations
@@ -148,19 +148,9 @@ def read_trained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A trained model's tensors from a ``torch.save`` file or a DeepSpeed checkpoint folder."""
     path = Path(path)
     if path.is_dir():
-        try:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        except ImportError as exc:  # pragma: no cover - deepspeed is a dependency
-            raise WeightsError(f"{path}: reading DeepSpeed checkpoints needs deepspeed") from exc
-        attempts = [(path, None), (path.parent, path.name)]
-        errors = []
-        for folder, tag in attempts:
-            try:
-                state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-                return {k: v for k, v in state.items()}
-            except Exception as exc:  # DeepSpeed raises several kinds
-                errors.append(f"{folder} tag={tag}: {exc}")
-        raise WeightsError(f"{path}: not a DeepSpeed checkpoint ({'; '.join(errors)})")
+        from pipeline.engine import read_zero_checkpoint  # DeepSpeed stays in the engine
+
+        return read_zero_checkpoint(path)
     return read_state_dict(path)
 
 
