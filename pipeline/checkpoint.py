@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -33,6 +32,7 @@ import torch
 
 from configtree import ConfigError
 from pipeline.distributed import barrier, get_rank, get_world_size
+from sharding.files import atomic_write_text
 
 __all__ = [
     "CheckpointError",
@@ -104,12 +104,6 @@ def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]
         gen.set_state(state["generators"][name])
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     engine: Any,
     *,
@@ -163,8 +157,8 @@ def save_checkpoint(
             "extra": extra or {},
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        _atomic_write(ckpt / META, json.dumps(meta, indent=2))
-        _atomic_write(ckpt / COMPLETE, f"{step}\n")
+        atomic_write_text(ckpt / META, json.dumps(meta, indent=2))
+        atomic_write_text(ckpt / COMPLETE, f"{step}\n")
         prune_checkpoints(run_dir, keep=keep)
         log.info("checkpoint %s saved in %.1fs", ckpt, time.perf_counter() - started)
     barrier()

@@ -1,7 +1,7 @@
 """The files that describe a finished shard set, and the checks that read them back.
 
-* ``atomic_write_*``: every file of the output folder is written as ``NAME.tmp-<pid>`` and renamed,
-  so a reader (or a killed run) never sees half a file.
+* every file of the output folder is written as ``NAME.tmp-<pid>`` and renamed
+  (``sharding/files.py``), so a reader (or a killed run) never sees half a file.
 * ``finalize``: merges the per-shard sidecars into ``manifest.json``, ``summary.json`` and
   ``rejected.jsonl`` (all sorted, no timestamps: an interrupted and resumed run, a job array and a
   single run all give byte-identical files).
@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sharding.files import atomic_write_text, file_sha256
 from sharding.format import FORMAT_VERSION, SPLITS
 
 if TYPE_CHECKING:
@@ -29,10 +29,7 @@ __all__ = [
     "MANIFEST_FILE",
     "REJECTED_FILE",
     "SUMMARY_FILE",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "empty_counts",
-    "file_sha256",
     "finalize",
     "load_manifest",
     "load_summary",
@@ -45,38 +42,7 @@ FORMAT_NAME = "samadapt-webdataset"
 MANIFEST_FILE = "manifest.json"
 SUMMARY_FILE = "summary.json"
 REJECTED_FILE = "rejected.jsonl"
-_HASH_BLOCK = 1 << 20
 _NUMBER = re.compile(r"\d+")
-
-
-def tmp_name(path: Path) -> Path:
-    """``path`` + ``.tmp-<pid>``: the name a file is written under before its rename."""
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        if fsync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = True) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

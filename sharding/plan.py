@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sharding.config import ShardingConfig
+from sharding.files import atomic_write_text
 from sharding.format import FORMAT_VERSION, SPLITS, shard_name
-from sharding.manifest import atomic_write_text
 from sharding.records import Unit
 
 __all__ = [

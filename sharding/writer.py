@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from sharding.config import ShardingConfig
+from sharding.files import atomic_write_text, file_sha256, tmp_name
 from sharding.format import (
     FORMAT_VERSION,
     IMAGE_EXT,
@@ -46,14 +47,7 @@ from sharding.format import (
     encode_masks,
     sample_key,
 )
-from sharding.manifest import (
-    atomic_write_text,
-    empty_counts,
-    file_sha256,
-    merge_counts,
-    reason_category,
-    tmp_name,
-)
+from sharding.manifest import empty_counts, merge_counts, reason_category
 from sharding.plan import ShardSpec, order_key
 from sharding.records import Reader, RejectedInput, Slice2D, Unit, Volume
 from sharding.transform import resize_sample, volume_slices

@@ -23,6 +23,7 @@ from pipeline.model.build import build_model
 from pipeline.model.config import ModelConfig
 from pipeline.model.weights import WeightsError, read_state_dict
 from pipeline.model.wrapper import SamAdapt
+from sharding.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def export_trainable(
             **(meta or {}),
         },
     }
-    path = _save(payload, path)
+    path = atomic_write(path, lambda tmp: torch.save(payload, tmp))
     log.info(
         "exported %d tensors (%.2f MB) to %s",
         len(tensors),
@@ -209,16 +210,8 @@ def write_merged(export: str | os.PathLike, path: str | os.PathLike) -> Path:
             ", ".join(left) or "no PEFT",
             f" and head {model.cfg.head!r}" if model.cfg.head != "sam" else "",
         )
-    path = _save(model.state_dict(), path)
+    state = model.state_dict()
+    path = atomic_write(path, lambda tmp: torch.save(state, tmp))
     log.info("wrote the merged state dict to %s", path)
     return path
 
-
-def _save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temp name, renamed when complete (a killed run leaves no half file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
