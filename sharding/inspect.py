@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import cv2
 import numpy as np
 
 from sharding.format import IMAGE_EXT, MASKS_EXT, META_EXT, decode_image, decode_masks
+from sharding.tar_reader import read_shard
 
 __all__ = [
     "contact_sheet",
@@ -57,19 +57,8 @@ def iter_samples(path: str | Path) -> Iterator[tuple[str, dict]]:
 
     image: uint8 (S, S) or (S, S, 3); masks: uint8 (N, S, S) of 0/1; meta: the JSON dict.
     """
-    current, parts = None, {}
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = member.name.split(".", 1)
-            if key != current and current is not None:
-                yield current, _decode(parts)
-                parts = {}
-            current = key
-            parts[ext] = tar.extractfile(member).read()
-    if current is not None:
-        yield current, _decode(parts)
+    for sample in read_shard(str(path)):
+        yield sample["__key__"], _decode(sample)
 
 
 def _decode(parts: dict[str, bytes]) -> dict:

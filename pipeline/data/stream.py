@@ -55,7 +55,6 @@ when a worker ends). Semantic training keeps them (all-background label maps) un
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import random
 from collections.abc import Iterable, Iterator
@@ -66,7 +65,6 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.config import DataConfig
 from pipeline.data.collate import collate
@@ -86,6 +84,7 @@ from pipeline.data.shards import (
     steps_per_epoch,
     worker_batches,
 )
+from sharding.tar_reader import read_shard
 
 __all__ = [
     "Shard",
@@ -126,44 +125,13 @@ def resampled_shards(
         }
 
 
-class _Hashing:
-    """A read-only file that hashes (sha256) every byte read through it."""
-
-    def __init__(self, file) -> None:
-        self.file, self.digest = file, hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.file.read(size)
-        self.digest.update(data)
-        return data
-
-    def hexdigest_to_end(self) -> str:
-        """Read what the tar reader left (end-of-archive blocks) and return the file's digest."""
-        while self.read(1 << 20):
-            pass
-        return self.digest.hexdigest()
-
-
-def _shard_samples(url: str, hashed: list[str] | None) -> Iterator[dict]:
-    """One shard's raw samples; with ``hashed`` (a list), the file is hashed as it streams and
-    its sha256 is appended to ``hashed`` once the shard has been read to its end."""
-    if hashed is None:
-        yield from wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception)
-        return
-    with open(url, "rb") as file:
-        stream = _Hashing(file)
-        members = tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception)
-        yield from group_by_keys(members, handler=wds.reraise_exception)
-        hashed.append(stream.hexdigest_to_end())
-
-
 def _checked_shard(shard: dict, *, verify: bool) -> Iterator[dict]:
     """The raw samples of one shard, checked at its end (see ``tar_samples``)."""
     url, count = shard["url"], 0
     expected = shard.get("sha256", "") if verify else ""
     hashed: list[str] | None = [] if expected else None
     try:
-        for sample in _shard_samples(url, hashed):
+        for sample in read_shard(url, hashed=hashed):
             sample["__padding__"] = shard.get("padding", False)
             count += 1
             yield sample
