@@ -106,16 +106,13 @@ def shard_with_cli(corpus: Path, out: Path, overrides: list[str]) -> Path:
       ``out``, holding manifest.json. Exits when ``out`` holds shards of another format version
       (key the cache folder on ``sharding.format.FORMAT_VERSION``).
     """
-    from sharding.format import FORMAT_VERSION
+    from sharding.manifest import ManifestError, load_manifest
 
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        version = json.loads(manifest.read_text()).get("format_version")
-        if version != FORMAT_VERSION:
-            raise SystemExit(
-                f"{out} holds shards of format_version {version}, this code writes "
-                f"{FORMAT_VERSION}: remove the folder or use another cache name"
-            )
+    if (out / "manifest.json").exists():
+        try:
+            load_manifest(out)
+        except ManifestError as err:
+            raise SystemExit(f"{err} (remove {out} or use another cache name)") from None
         return out
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "samadapt", "shard", "--format", "sa-med2d"]

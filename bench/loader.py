@@ -186,7 +186,9 @@ def peer_stream(dataset_cls: type, data_dir: Path) -> Iterator[dict]:
 
 def loop_manifest(shards: Path, *, seconds: float) -> Path:
     """A manifest listing the train shards of ``shards`` enough times for a timed window."""
-    manifest = json.loads((shards / "manifest.json").read_text())
+    from sharding.manifest import load_manifest
+
+    manifest = dict(load_manifest(shards).document)
     train = [dict(e) for e in manifest["shards"] if e["split"] == "train"]
     samples = sum(e["samples"] for e in train)
     repeats = max(2, math.ceil(_MAX_RATE * (seconds + 10) / samples))
@@ -217,12 +219,12 @@ def ours_stream(loop: Path, workers: int) -> tuple[Iterator[dict], list[int]]:
 
 
 def _members(shards: Path, limit: int) -> list[dict]:
-    """Raw samples (members as bytes) of the first train shard(s), as WebDataset gives them."""
-    import webdataset as wds
+    """Raw samples (members as bytes) of the first train shard(s), as the stream reads them."""
+    from sharding.manifest import load_manifest
+    from sharding.tar_reader import read_shard
 
-    manifest = json.loads((shards / "manifest.json").read_text())
-    urls = [{"url": str(shards / e["path"])} for e in manifest["shards"] if e["split"] == "train"]
-    return list(itertools.islice(wds.tarfile_samples(urls), limit))
+    samples = (raw for s in load_manifest(shards).split("train") for raw in read_shard(s.url))
+    return list(itertools.islice(samples, limit))
 
 
 def decode_stream(raw: list[dict]) -> Iterator[int]:

@@ -181,9 +181,9 @@ def _inspect(argv: list[str]) -> int:
         for line in bad:
             print(f"samadapt inspect: damaged shard {line}", file=sys.stderr)
         if bad:
-            n = len(manifest["shards"])
+            n = len(manifest.shards)
             return _fail("inspect", f"{len(bad)} of {n} shards fail the manifest check", 1)
-        print(f"verified: {len(manifest['shards'])} shards match the manifest (size, sha256)")
+        print(f"verified: {len(manifest.shards)} shards match the manifest (size, sha256)")
     if args.no_sheet:
         return 0
     if args.samples < 1:

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from sharding.format import IMAGE_EXT, MASKS_EXT, META_EXT, decode_image, decode_masks
+from sharding.manifest import Manifest
 from sharding.tar_reader import read_shard
 
 __all__ = [
@@ -69,18 +70,18 @@ def _decode(parts: dict[str, bytes]) -> dict:
     }
 
 
-def pick_samples(output: str | Path, manifest: dict, n: int) -> list[tuple[str, dict]]:
+def pick_samples(output: str | Path, manifest: Manifest, n: int) -> list[tuple[str, dict]]:
     """Up to ``n`` samples from evenly spaced shards, samples with masks first (deterministic)."""
-    shards = [s for s in manifest["shards"] if s["samples"] > 0]
+    shards = [s for s in manifest.shards if s.samples > 0]
     if not shards or n <= 0:
         return []
     count = min(n, len(shards))
     chosen = [shards[round(i * (len(shards) - 1) / max(count - 1, 1))] for i in range(count)]
     per_shard = math.ceil(n / count)
     with_masks, empty = [], []
-    for shard in dict.fromkeys(s["path"] for s in chosen):
+    for url in dict.fromkeys(s.url for s in chosen):
         taken = 0
-        for key, sample in iter_samples(Path(output) / shard):
+        for key, sample in iter_samples(url):
             if sample["masks"].shape[0]:
                 with_masks.append((key, sample))
                 taken += 1
@@ -170,13 +171,13 @@ def _table(title: str, counts: dict) -> list[str]:
     return lines
 
 
-def format_report(output: str | Path, manifest: dict, summary: dict) -> str:
+def format_report(output: str | Path, manifest: Manifest, summary: dict) -> str:
     """The text ``samadapt inspect`` prints."""
-    totals = manifest["totals"]
+    totals, document = manifest.totals, manifest.document
     lines = [
         f"{output}: {totals['samples']} samples in {totals['shards']} shards "
-        f"({totals['bytes'] / 1e6:.1f} MB), image_size {manifest['image_size']} "
-        f"({manifest['resize']}), input {manifest['input_format']} {manifest['input']}",
+        f"({totals['bytes'] / 1e6:.1f} MB), image_size {manifest.image_size} "
+        f"({manifest.resize}), input {document['input_format']} {document['input']}",
     ]
     for split, t in totals["by_split"].items():
         lines.append(
@@ -191,21 +192,21 @@ def format_report(output: str | Path, manifest: dict, summary: dict) -> str:
     lines += _table("samples per dataset", summary.get("by_dataset", {}))
     lines += _table("samples per modality", summary.get("by_modality", {}))
     lines += _table("masks per class", summary.get("by_class", {}))
-    if manifest.get("classes"):
-        pairs = ", ".join(f"{i}={n}" for i, n in manifest["classes"].items())
-        lines.append(
-            f"  class ids (model.num_classes >= {max(map(int, manifest['classes']))}): {pairs}"
-        )
+    if manifest.classes:
+        pairs = ", ".join(f"{i}={n}" for i, n in manifest.classes.items())
+        lines.append(f"  class ids (model.num_classes >= {max(manifest.classes)}): {pairs}")
     rejected_file = Path(output) / "rejected.jsonl"
     lines.append(f"  rejected: {summary.get('rejected', 0)} (see {rejected_file})")
     if summary.get("rejected_by_reason"):
         lines += _table("rejected by reason", summary["rejected_by_reason"])
-    if manifest.get("volumes"):
-        lines.append(f"  volumes: {', '.join(manifest['volumes'])}")
+    if document.get("volumes"):
+        lines.append(f"  volumes: {', '.join(document['volumes'])}")
     return "\n".join(lines)
 
 
-def write_contact_sheet(output: str | Path, manifest: dict, *, samples: int, path: Path) -> int:
+def write_contact_sheet(
+    output: str | Path, manifest: Manifest, *, samples: int, path: Path
+) -> int:
     """Draw ``samples`` samples of the shard set at ``output`` as a PNG contact sheet.
 
     Arguments:

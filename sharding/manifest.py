@@ -5,8 +5,10 @@
 * ``finalize``: merges the per-shard sidecars into ``manifest.json``, ``summary.json`` and
   ``rejected.jsonl`` (all sorted, no timestamps: an interrupted and resumed run, a job array and a
   single run all give byte-identical files).
-* ``load_manifest`` / ``verify_shards``: for ``samadapt inspect`` (``--verify`` re-hashes every
-  shard) and tests; the data reader hashes each shard as it streams (``pipeline/data/stream.py``).
+* ``load_manifest``: the one typed reader of ``manifest.json`` (the training stream, the 3D reader
+  and ``samadapt inspect``); ``check_shards`` / ``verify_shards`` compare the files with it (sizes
+  before training; ``samadapt inspect --verify`` re-hashes every shard, and the data reader
+  hashes each shard as it streams, ``pipeline/data/stream.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +32,10 @@ __all__ = [
     "MANIFEST_FILE",
     "REJECTED_FILE",
     "SUMMARY_FILE",
+    "Manifest",
+    "ManifestError",
+    "Shard",
+    "check_shards",
     "empty_counts",
     "finalize",
     "load_manifest",
@@ -195,12 +202,91 @@ def _write_if_changed(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def load_manifest(output: str | os.PathLike) -> dict:
-    """Read ``OUTPUT/manifest.json``.
+class ManifestError(ValueError):
+    """``manifest.json`` cannot be parsed, is of another format or version, or is malformed; the
+    message names the file."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar shard as the manifest lists it."""
+
+    url: str
+    """Path of the tar: the manifest's ``path`` joined to the output folder (or as is, when
+    absolute)."""
+    samples: int
+    bytes: int
+    sha256: str = ""
+    """The manifest's digest of the file ("" when the manifest has none)."""
+    split: str = ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A shard set's ``manifest.json``, read and checked by ``load_manifest``."""
+
+    path: Path
+    """The manifest file (``OUTPUT/manifest.json``)."""
+    image_size: int
+    resize: str
+    shards: tuple[Shard, ...]
+    """Every shard, in manifest order."""
+    classes: dict[int, str] | None
+    """Class id -> name over the set (ids >= 1); None for a manifest written before it existed."""
+    document: dict[str, Any]
+    """The whole JSON document (totals, settings, input...): what reports print."""
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        """Samples, shards and bytes, in all and per split (``{}`` when not recorded)."""
+        return self.document.get("totals", {})
+
+    def split(self, name: str) -> list[Shard]:
+        """The shards of split ``name`` in manifest order; ``ManifestError`` when it has none."""
+        shards = [s for s in self.shards if s.split == name]
+        if not shards:
+            present = sorted({s.split for s in self.shards})
+            raise ManifestError(
+                f"{self.path}: no shards for split {name!r} (splits present: {present})"
+            )
+        return shards
+
+
+def _document(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text())
+    except ValueError as err:
+        raise ManifestError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+        raise ManifestError(f"{path} is not a samadapt shard manifest")
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path}: format_version {version!r}, this reader reads only {FORMAT_VERSION} "
+            "(version 1 stored PNG image members): reshard the corpus with `samadapt shard`"
+        )
+    return document
+
+
+def _shard(entry: Any, root: Path) -> Shard:
+    url = Path(entry["path"])
+    return Shard(
+        url=str(url if url.is_absolute() else root / url),
+        samples=int(entry["samples"]),
+        bytes=int(entry["bytes"]),
+        sha256=str(entry.get("sha256", "")),
+        split=str(entry["split"]),
+    )
+
+
+def load_manifest(output: str | os.PathLike) -> Manifest:
+    """Read and check ``OUTPUT/manifest.json``: the one manifest reader (the training stream,
+    the 3D reader and ``samadapt inspect`` all read it here).
 
     Returns:
-      The manifest dict. Raises ``FileNotFoundError`` / ``ValueError`` with a message naming the
-      folder when there is none or it cannot be parsed.
+      The ``Manifest``. Raises ``FileNotFoundError`` naming the folder when there is none, and
+      ``ManifestError`` naming the file when it cannot be parsed, is of another format version
+      or has malformed entries.
     """
     path = Path(output) / MANIFEST_FILE
     if not Path(output).is_dir():
@@ -210,18 +296,32 @@ def load_manifest(output: str | os.PathLike) -> dict:
             f"{output} has no {MANIFEST_FILE}: run samadapt shard first (or let it finish: the "
             "manifest is written when every shard of the plan is complete)"
         )
+    document = _document(path)
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from err
-    if manifest.get("format") != FORMAT_NAME or "shards" not in manifest:
-        raise ValueError(f"{path} is not a samadapt shard manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {manifest.get('format_version')}, this samadapt reads "
-            f"{FORMAT_VERSION}: reshard"
-        )
-    return manifest
+        image_size = int(document["image_size"])
+        entries = list(document["shards"])
+        classes = document.get("classes")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"{path}: not a shard manifest ({type(exc).__name__}: {exc})") from exc
+    shards = []
+    for i, entry in enumerate(entries):
+        try:
+            shards.append(_shard(entry, path.parent))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"{path}: shards[{i}] is malformed ({exc!r})") from exc
+    if classes is not None:
+        try:
+            classes = {int(k): str(v) for k, v in classes.items()}
+        except (AttributeError, ValueError) as exc:
+            raise ManifestError(f"{path}: 'classes' is not an id -> name map ({exc})") from exc
+    return Manifest(
+        path=path,
+        image_size=image_size,
+        resize=str(document.get("resize", "square")),
+        shards=tuple(shards),
+        classes=classes,
+        document=document,
+    )
 
 
 def load_summary(output: str | os.PathLike) -> dict:
@@ -229,6 +329,34 @@ def load_summary(output: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{output} has no {SUMMARY_FILE}: run samadapt shard first")
     return json.loads(path.read_text())
+
+
+def check_shards(shards: Iterable[Shard], *, digest: bool) -> list[str]:
+    """Compare shard files with the manifest: present, its size, and (``digest``) its sha256.
+
+    Arguments:
+      shards: from ``Manifest.shards`` or ``Manifest.split``.
+      digest: re-hash every file (reads it whole); False = sizes only (one stat per shard).
+
+    Returns:
+      One message per bad shard, each starting with the shard path (empty list = all good).
+    """
+    bad = []
+    for shard in shards:
+        path = Path(shard.url)
+        if not path.is_file():
+            bad.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != shard.bytes:
+            bad.append(
+                f"{path}: {size} bytes, manifest says {shard.bytes} (truncated or rewritten "
+                "after the manifest)"
+            )
+            continue
+        if digest and (found := file_sha256(path)) != shard.sha256:
+            bad.append(f"{path}: sha256 {found} != manifest {shard.sha256}")
+    return bad
 
 
 def verify_shards(output: str | os.PathLike) -> list[str]:
@@ -240,18 +368,4 @@ def verify_shards(output: str | os.PathLike) -> list[str]:
     Returns:
       One message per bad shard, each naming the shard path (empty list = all good).
     """
-    output = Path(output)
-    bad = []
-    for shard in load_manifest(output)["shards"]:
-        path = output / shard["path"]
-        if not path.is_file():
-            bad.append(f"{path}: missing")
-            continue
-        size = path.stat().st_size
-        if size != shard["bytes"]:
-            bad.append(f"{path}: {size} bytes, manifest says {shard['bytes']}")
-            continue
-        digest = file_sha256(path)
-        if digest != shard["sha256"]:
-            bad.append(f"{path}: sha256 {digest} != manifest {shard['sha256']}")
-    return bad
+    return check_shards(load_manifest(output).shards, digest=True)

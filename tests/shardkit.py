@@ -25,6 +25,7 @@ from sharding.format import (
     sample_key,
     shard_name,
 )
+from sharding.manifest import FORMAT_NAME
 
 
 @dataclass
@@ -137,6 +138,7 @@ def write_shards(
             )
             index += 1
     manifest = {
+        "format": FORMAT_NAME,
         "shards": entries,
         "image_size": image_size,
         "resize": "square",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from samadapt.cli import main
 from sharding import synthetic
 from sharding.inspect import pick_samples, render_tile
-from sharding.manifest import load_manifest
+from sharding.manifest import ManifestError, load_manifest
 
 TILE, STRIP, GAP = 256, 18, 4
 
@@ -60,9 +61,9 @@ def test_prints_totals_and_summary(shards, capsys):
     text = capsys.readouterr().out
     manifest = load_manifest(shards)
     summary = json.loads((shards / "summary.json").read_text())
-    totals = manifest["totals"]
+    totals = manifest.totals
     assert f"{totals['samples']} samples in {totals['shards']} shards" in text
-    for split, t in manifest["totals"]["by_split"].items():
+    for split, t in manifest.totals["by_split"].items():
         assert f"{split:<5} {t['samples']:>8} samples" in text
     for name, count in summary["by_class"].items():
         assert f"{name}" in text and str(count) in text
@@ -78,11 +79,12 @@ def test_verify_names_damaged_shards(shards, tmp_path, capsys):
     """--verify re-hashes every shard: all good -> a line saying so; a same-size flipped byte
     and a cut shard -> exit 1, each named by its path, and nothing is written."""
     assert cli([str(shards), "--no-sheet", "--verify"]) == 0
-    n = len(load_manifest(shards)["shards"])
+    n = len(load_manifest(shards).shards)
     assert f"verified: {n} shards match the manifest" in capsys.readouterr().out
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)
-    paths = [copy / s["path"] for s in load_manifest(copy)["shards"]]
+    paths = [Path(s.url) for s in load_manifest(copy).shards]
+    assert all(p.parent.parent == copy for p in paths)
     flipped, cut = paths[0], paths[-1]
     data = bytearray(flipped.read_bytes())
     data[len(data) // 3] ^= 0x01
@@ -134,3 +136,24 @@ def test_tile_writes_class_names(shards):
 def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
     assert cli([str(tmp_path)]) == 2
     assert "has no manifest.json: run samadapt shard first" in capsys.readouterr().err
+
+
+def test_manifest_reader_is_typed_and_names_what_is_wrong(shards, tmp_path):
+    manifest = load_manifest(shards)
+    assert manifest.image_size == 64 and manifest.path == shards / "manifest.json"
+    assert sum(s.samples for s in manifest.shards) == manifest.totals["samples"]
+    assert manifest.split("train") and all(s.split == "train" for s in manifest.split("train"))
+    assert all(isinstance(i, int) for i in manifest.classes)
+    document = json.loads((shards / "manifest.json").read_text())
+    for change, message in [
+        ({"format": "other"}, "is not a samadapt shard manifest"),
+        ({"format_version": 1}, "format_version 1, .*reshard"),
+        ({"shards": [{"split": "train"}]}, r"shards\[0\] is malformed"),
+        ({"classes": [1]}, "'classes' is not an id -> name map"),
+    ]:
+        (tmp_path / "manifest.json").write_text(json.dumps({**document, **change}))
+        with pytest.raises(ManifestError, match=f"{tmp_path / 'manifest.json'}.*{message}"):
+            load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({**document, "shards": []}))
+    with pytest.raises(ManifestError, match="no shards for split 'train'"):
+        load_manifest(tmp_path).split("train")

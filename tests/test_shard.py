@@ -79,7 +79,7 @@ def cfg_of(*overrides: str):
 def read_tars(out: Path) -> dict[str, dict]:
     """All samples of the manifest's shards, read with WebDataset: key -> decoded sample."""
     manifest = load_manifest(out)
-    urls = [str(out / s["path"]) for s in manifest["shards"]]
+    urls = [s.url for s in manifest.shards]
     samples = {}
     for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         key = raw["__key__"]
@@ -245,11 +245,11 @@ def test_round_trip_pixel_exact(fmt, sharded):
         assert set(meta) >= {"dataset", "modality", "spacing", "source"}
     manifest = load_manifest(out)
     summary = json.loads((out / "summary.json").read_text())
-    assert manifest["totals"]["samples"] == len(expected) == summary["samples"]
+    assert manifest.totals["samples"] == len(expected) == summary["samples"]
     assert summary["masks"] == sum(len(r["class_ids"]) for r in expected.values())
     assert sum(summary["by_split"].values()) == len(expected)
-    assert manifest["image_size"] == SIZE and manifest["input_format"] == fmt
-    assert [s["index"] for s in manifest["shards"]] == list(range(len(manifest["shards"])))
+    assert manifest.image_size == SIZE and manifest.document["input_format"] == fmt
+    assert [s["index"] for s in manifest.document["shards"]] == list(range(len(manifest.shards)))
     assert verify_shards(out) == []
 
 
@@ -394,8 +394,8 @@ def test_inputs_per_shard_estimated_from_shard_size(tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     assert plan["inputs_per_shard"] == max(1, math.floor(target_mb * 1e6 / mean)) > 1
     manifest = load_manifest(out)
-    assert len(manifest["shards"]) > 3
-    assert all(s["bytes"] < 2 * target_mb * 1e6 for s in manifest["shards"])
+    assert len(manifest.shards) > 3
+    assert all(s.bytes < 2 * target_mb * 1e6 for s in manifest.shards)
 
 
 def test_plan_mismatch_and_bad_arguments(tmp_path, capsys):
@@ -605,7 +605,8 @@ def test_dicom_label_id_missing_from_classes_json(tmp_path):
     assert summary["rejected"] == 1 and summary["units_rejected"] == 1
     got = assert_written_as_read("dicom", corpus, out, "keep_empty_ratio=1.0")
     assert {s["meta"]["case_id"] for s in got.values()} == {"case_000"}
-    assert load_manifest(out)["classes"] == {"1": "liver", "2": "kidney", "3": "spleen"}
+    assert load_manifest(out).document["classes"] == {"1": "liver", "2": "kidney", "3": "spleen"}
+    assert load_manifest(out).classes == {1: "liver", 2: "kidney", 3: "spleen"}
     (corpus / "classes.json").unlink()
     out = tmp_path / "no_classes"
     assert shard("dicom", corpus, out, "keep_empty_ratio=1.0") == 0
@@ -613,7 +614,7 @@ def test_dicom_label_id_missing_from_classes_json(tmp_path):
     got = assert_written_as_read("dicom", corpus, out, "keep_empty_ratio=1.0")
     assert {s["meta"]["case_id"] for s in got.values()} == {"case_000", "case_001"}
     assert sum(7 in s["meta"]["class_ids"] for s in got.values()) == 1
-    assert load_manifest(out)["classes"]["7"] == "label_7"
+    assert load_manifest(out).classes[7] == "label_7"
 
 
 @pytest.mark.parametrize("overrides", [(), ("keep_empty_ratio=0.5",)], ids=["default", "0.5"])
@@ -692,7 +693,7 @@ def test_summary_counts_match_the_shards(tmp_path):
     assert summary["by_dataset"] == {"SynthAbdomen": 6, "SynthChest": 6, "SynthPelvis": 6}
     assert summary["by_modality"] == {"ct": 6, "mr": 6, "xray": 6}
     assert summary["empty_kept"] == 2
-    totals = load_manifest(out)["totals"]["by_split"]
+    totals = load_manifest(out).totals["by_split"]
     assert {s: t["samples"] for s, t in totals.items()} == summary["by_split"]
 
 
@@ -711,16 +712,17 @@ def test_verify_shards_names_a_modified_shard(sharded, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(src, out)
     manifest = load_manifest(out)
-    victim = manifest["shards"][1]["path"]
+    victim = manifest.document["shards"][1]["path"]
+    assert manifest.shards[1].url == str(out / victim)
     data = bytearray((out / victim).read_bytes())
     data[700] ^= 0xFF
     (out / victim).write_bytes(bytes(data))
     bad = verify_shards(out)
     assert len(bad) == 1 and bad[0].startswith(f"{out / victim}: sha256")
-    (out / manifest["shards"][0]["path"]).write_bytes(b"short")
+    Path(manifest.shards[0].url).write_bytes(b"short")
     bad = verify_shards(out)
     assert [b.split(":")[0] for b in bad] == [
-        str(out / manifest["shards"][0]["path"]),
+        manifest.shards[0].url,
         str(out / victim),
     ]
 

@@ -1,24 +1,21 @@
 """The shard list of a split and its dealing over ranks and workers (pure functions).
 
-``read_manifest`` reads ``manifest.json`` (the ``sharding/format.py`` contract) and checks it
-against the model's input size; ``plan_epoch`` deals the shards of one epoch to (rank, worker)
-slots; ``steps_per_epoch`` counts the batches every rank's train loader yields (see ``stream.py``).
+``read_manifest`` reads ``manifest.json`` (through ``sharding.manifest.load_manifest``, the one
+manifest reader) and checks it against the model's input size; ``plan_epoch`` deals the shards of
+one epoch to (rank, worker) slots; ``steps_per_epoch`` counts the batches every rank's train
+loader yields (see ``stream.py``).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from configtree import ConfigError
 from pipeline.config import DataConfig
 from pipeline.data.samples import SampleError
-from sharding.format import FORMAT_VERSION
+from sharding.manifest import Manifest, ManifestError, Shard, check_shards, load_manifest
 
 __all__ = [
     "Shard",
@@ -49,16 +46,16 @@ def seed_of(*parts: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Shard:
-    """One tar shard of a split, as listed in manifest.json."""
-
-    url: str
-    """Absolute path of the tar file."""
-    samples: int
-    bytes: int
-    sha256: str = ""
-    """The manifest's digest of the file ("" when the manifest has none)."""
+def _manifest(root: str) -> Manifest:
+    """``load_manifest`` with its errors named after ``data.shards``."""
+    if not root:
+        raise ConfigError("data.shards is empty: set it to the output folder of `samadapt shard`")
+    try:
+        return load_manifest(root)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"data.shards={root!r}: {exc}") from exc
+    except ManifestError as exc:
+        raise SampleError(str(exc)) from exc
 
 
 def read_manifest(
@@ -77,73 +74,27 @@ def read_manifest(
       The split's shards. Raises ``ConfigError`` naming ``data.shards`` / ``model.image_size``, or
       ``SampleError`` naming the manifest or shard path.
     """
-    if not root:
-        raise ConfigError("data.shards is empty: set it to the output folder of `samadapt shard`")
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
-        raise ConfigError(f"data.shards={root!r}: no manifest.json at {path}")
-    try:
-        manifest = json.loads(path.read_text())
-        version = manifest.get("format_version")
-        stored_size = int(manifest["image_size"])
-        entries = list(manifest["shards"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SampleError(f"{path}: not a shard manifest ({type(exc).__name__}: {exc})") from exc
-    if version != FORMAT_VERSION:
-        raise SampleError(
-            f"{path}: format_version {version!r}, this reader reads only {FORMAT_VERSION} "
-            "(version 1 stored PNG image members): reshard the corpus with `samadapt shard`"
-        )
-    if stored_size != image_size:
+    manifest = _manifest(root)
+    if manifest.image_size != image_size:
         raise ConfigError(
-            f"model.image_size={image_size} does not match image_size={stored_size} of the shards "
-            f"in {path.parent} ({path}): set model.image_size={stored_size} or reshard"
+            f"model.image_size={image_size} does not match image_size={manifest.image_size} of "
+            f"the shards in {manifest.path.parent} ({manifest.path}): set "
+            f"model.image_size={manifest.image_size} or reshard"
         )
-    shards = []
-    for i, entry in enumerate(entries):
-        try:
-            if entry["split"] != split:
-                continue
-            url = Path(entry["path"])
-            shard = Shard(
-                str(url if url.is_absolute() else path.parent / url),
-                int(entry["samples"]),
-                int(entry["bytes"]),
-                str(entry.get("sha256", "")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SampleError(f"{path}: shards[{i}] is malformed ({exc!r})") from exc
-        if check_files:
-            try:
-                size = os.stat(shard.url).st_size
-            except OSError as exc:
-                raise SampleError(f"shard {shard.url} (listed in {path}): {exc.strerror}") from exc
-            if size != shard.bytes:
-                raise SampleError(
-                    f"shard {shard.url} is {size} bytes but {path} says {shard.bytes} "
-                    "(truncated or rewritten after the manifest)"
-                )
-        shards.append(shard)
-    if not shards:
-        present = sorted({str(e.get("split")) for e in entries if isinstance(e, dict)})
-        raise SampleError(f"{path}: no shards for split {split!r} (splits present: {present})")
+    try:
+        shards = manifest.split(split)
+    except ManifestError as exc:
+        raise SampleError(str(exc)) from exc
+    bad = check_shards(shards, digest=False) if check_files else []
+    if bad:
+        raise SampleError(f"shard {bad[0]} (listed in {manifest.path})")
     return shards
 
 
 def read_class_map(root: str) -> dict[int, str] | None:
     """Class id -> name of a shard set (``manifest["classes"]``); None when the manifest has no
     class map (written before it existed). Ids are >= 1; 0 (no class) is not listed."""
-    path = Path(root) / "manifest.json"
-    try:
-        classes = json.loads(path.read_text()).get("classes")
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"data.shards={root!r}: cannot read {path} ({exc})") from exc
-    if classes is None:
-        return None
-    try:
-        return {int(k): str(v) for k, v in classes.items()}
-    except (AttributeError, ValueError) as exc:
-        raise SampleError(f"{path}: 'classes' is not an id -> name map ({exc})") from exc
+    return _manifest(root).classes
 
 
 def _deal(shards: list[Shard], parts: int) -> list[list[Shard]]:
