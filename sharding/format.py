@@ -1,4 +1,4 @@
-"""The on-disk format of samadapt shards: the one contract between ``sharding/`` and
+"""The on-disk format of samadapt shards and volumes: the one contract between ``sharding/`` and
 ``pipeline/data``.
 
 Output folder of ``samadapt shard``::
@@ -34,6 +34,24 @@ synthetic and real CT/MR slices). Image members are larger than PNG on smooth re
 (+16 to +42 %, PNG's row prediction), about the same on noisy ones: bytes traded for decode time
 (bench/README.md).
 
+One 3D case (``OUT/volumes/{dataset}.zarr``, Zarr v3, written by ``sharding/volumes.py``, read
+by ``pipeline/data/volume.py``; the names below are this module's constants)::
+
+    {dataset}.zarr/               root group, consolidated metadata
+      attrs["cases"]              the index: {GROUP: {"case_id", "shape" [Z, H, W], "split",
+                                  "spacing"}} (written last, when every shard is done)
+      {GROUP}/                    one group per case (the case id made path-safe)
+        image  (Z, H, W)          raw intensities: int16 when exact (HU), else float32; chunks
+                                  (1, H, W), Blosc-zstd + bit shuffle
+        label  (Z, H, W)          integer label map (the smallest of uint8 / uint16 / uint32
+                                  that holds the ids), same chunks; absent for unlabelled cases
+        attrs: case_id, dataset, modality, source, split, spacing [z, y, x] mm, affine 4x4,
+               class_map {id: name}, labelled, foreground_slices [z, ...] (labelled cases:
+               slices with a nonzero label), intensity (the uint8 rule of the 2D shards):
+               {"mapping": "ct_window", "level", "width"} or
+               {"mapping": "percentiles", "percentiles": [p, q], "lo", "hi"} (the values those
+               percentiles gave for this volume), read back by ``sharding.intensity``
+
 Format versions (``format_version`` of manifest.json, plan.json and the sidecars):
 
 * 1: the image was ``KEY.png`` (PNG). Not read any more: the reader and ``samadapt inspect``
@@ -50,11 +68,19 @@ import numpy as np
 from numcodecs import Blosc
 
 __all__ = [
+    "CASES_ATTR",
+    "CT_WINDOW",
+    "FOREGROUND_ATTR",
     "FORMAT_VERSION",
+    "IMAGE_ARRAY",
     "IMAGE_EXT",
+    "INTENSITY_ATTR",
+    "LABEL_ARRAY",
     "MASKS_EXT",
     "META_EXT",
+    "PERCENTILES",
     "SPLITS",
+    "VOLUMES_DIR",
     "decode_image",
     "decode_masks",
     "encode_image",
@@ -68,6 +94,16 @@ IMAGE_EXT = "img"
 MASKS_EXT = "mpk"
 META_EXT = "json"
 SPLITS = ("train", "val", "test")
+
+# The Zarr volume stores (module docstring)
+VOLUMES_DIR = "volumes"
+CASES_ATTR = "cases"
+IMAGE_ARRAY = "image"
+LABEL_ARRAY = "label"
+INTENSITY_ATTR = "intensity"
+FOREGROUND_ATTR = "foreground_slices"
+CT_WINDOW = "ct_window"
+PERCENTILES = "percentiles"
 
 _MAGIC = b"SMK1"
 _HEADER = struct.Struct("<4sIII")  # magic, n, h, w

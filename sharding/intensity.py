@@ -27,8 +27,19 @@ from __future__ import annotations
 import numpy as np
 
 from sharding.config import ShardingConfig
+from sharding.format import CT_WINDOW, PERCENTILES
 
-__all__ = ["is_ct", "percentile_bounds", "percentile_to_uint8", "to_uint8", "window_to_uint8"]
+__all__ = [
+    "intensity_record",
+    "is_ct",
+    "linear_uint8",
+    "percentile_bounds",
+    "percentile_to_uint8",
+    "record_bounds",
+    "to_uint8",
+    "window_bounds",
+    "window_to_uint8",
+]
 
 # elements converted per step: bounds the float64 temporaries (~32 MB) for large volumes
 _CHUNK = 4 * 1024 * 1024
@@ -70,11 +81,15 @@ def window_to_uint8(image: np.ndarray, *, level: float, width: float) -> np.ndar
     Returns:
       uint8 array of the same shape.
     """
+    lo, hi = window_bounds(level, width)
+    return linear_uint8(np.asarray(image), lo, hi)
+
+
+def window_bounds(level: float, width: float) -> tuple[float, float]:
+    """``(level - width / 2, level + width / 2)``; ``ValueError`` unless width > 0."""
     if width <= 0:
         raise ValueError(f"window width must be > 0, got {width}")
-    lo = float(level) - float(width) / 2.0
-    hi = float(level) + float(width) / 2.0
-    return linear_uint8(np.asarray(image), lo, hi)
+    return float(level) - float(width) / 2.0, float(level) + float(width) / 2.0
 
 
 def percentile_bounds(image: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
@@ -129,3 +144,42 @@ def to_uint8(image: np.ndarray, *, modality: str, cfg: ShardingConfig) -> np.nda
         return arr
     lo_p, hi_p = cfg.mr_percentiles
     return percentile_to_uint8(arr, percentiles=(lo_p, hi_p))
+
+
+def intensity_record(image: np.ndarray, *, modality: str, cfg: ShardingConfig) -> dict:
+    """The rule ``to_uint8`` applies to ``image``, as stored in a volume's attrs (``format.py``).
+
+    Arguments:
+      image: the whole volume's raw intensities.
+      modality: as for ``to_uint8``.
+      cfg: the sharding section.
+
+    Returns:
+      ``{"mapping": "ct_window", "level", "width"}``, or ``{"mapping": "percentiles",
+      "percentiles", "lo", "hi"}`` with the bounds those percentiles give for ``image``.
+    """
+    if is_ct(modality):
+        level, width = cfg.ct_window
+        return {"mapping": CT_WINDOW, "level": float(level), "width": float(width)}
+    lo, hi = percentile_bounds(image, (cfg.mr_percentiles[0], cfg.mr_percentiles[1]))
+    return {
+        "mapping": PERCENTILES,
+        "percentiles": [float(p) for p in cfg.mr_percentiles],
+        "lo": lo,
+        "hi": hi,
+    }
+
+
+def record_bounds(record: dict) -> tuple[float, float]:
+    """The ``lo, hi`` of an ``intensity_record``, for ``linear_uint8`` (a slice mapped with them
+    equals the 2D sample of the same slice).
+
+    Raises ``ValueError`` (``KeyError`` / ``TypeError`` for missing or mistyped fields) for
+    anything ``intensity_record`` does not write.
+    """
+    mapping = record.get("mapping")
+    if mapping == CT_WINDOW:
+        return window_bounds(float(record["level"]), float(record["width"]))
+    if mapping == PERCENTILES:
+        return float(record["lo"]), float(record["hi"])
+    raise ValueError(f"unknown mapping {mapping!r}")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sharding.files import atomic_write_text, file_sha256
-from sharding.format import FORMAT_VERSION, SPLITS
+from sharding.format import FORMAT_VERSION, SPLITS, VOLUMES_DIR
 
 if TYPE_CHECKING:
     from sharding.plan import Plan
@@ -166,7 +166,8 @@ def finalize(output: str | os.PathLike, plan: Plan, sidecars: Iterable[dict]) ->
         rejections.extend(side["rejections"])
     totals["by_split"] = {s: totals["by_split"][s] for s in SPLITS if s in totals["by_split"]}
     totals["rejected"] = counts["rejected"]
-    volumes = sorted(f"volumes/{p.name}" for p in (output / "volumes").glob("*.zarr") if p.is_dir())
+    stores = (output / VOLUMES_DIR).glob("*.zarr")
+    volumes = sorted(f"{VOLUMES_DIR}/{p.name}" for p in stores if p.is_dir())
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

@@ -1,6 +1,7 @@
 """Resizing samples to the stored size, and slicing volumes into 2D samples.
 
-``resize_sample`` rules (tests reproduce them pixel-exactly with the same cv2 calls):
+``resize_sample`` rules (tests reproduce them pixel-exactly with the same cv2 calls), which the 3D
+reader applies to its slices too (``resize_image``, and ``resize_label_map`` for label maps):
 
 * interpolation of the image: ``cv2.INTER_AREA`` when the image shrinks, i.e. when
   ``size < max(H, W)``, else ``cv2.INTER_LINEAR``. Masks always use ``cv2.INTER_NEAREST``.
@@ -26,7 +27,14 @@ from sharding.config import ShardingConfig
 from sharding.intensity import to_uint8
 from sharding.records import Slice2D, Volume
 
-__all__ = ["RESIZE_MODES", "resize_sample", "target_shape", "volume_slices"]
+__all__ = [
+    "RESIZE_MODES",
+    "resize_image",
+    "resize_label_map",
+    "resize_sample",
+    "target_shape",
+    "volume_slices",
+]
 
 RESIZE_MODES = ("square", "letterbox")
 
@@ -73,6 +81,31 @@ def _pad(x: np.ndarray, size: int, axes: tuple[int, int]) -> np.ndarray:
     return np.pad(x, pad, mode="constant", constant_values=0)
 
 
+def resize_image(image: np.ndarray, *, size: int, mode: str) -> np.ndarray:
+    """Resize one uint8 image (H, W) or (H, W, C) to ``(size, size)`` by the module's rules."""
+    height, width = image.shape[:2]
+    new_h, new_w = target_shape(height, width, size=size, mode=mode)
+    out = _resize_image(image, new_h, new_w, size < max(height, width))
+    return _pad(out, size, (0, 1)) if mode == "letterbox" else out
+
+
+def resize_label_map(label: np.ndarray, *, size: int, mode: str) -> np.ndarray:
+    """Resize one integer label map (H, W) to ``(size, size)``: nearest neighbour (as masks),
+    letterbox padding with 0 (background).
+
+    Returns:
+      int32 (cv2 resizes int32, not int64) ``(size, size)``.
+    """
+    height, width = label.shape
+    new_h, new_w = target_shape(height, width, size=size, mode=mode)
+    src = label.astype(np.int32, copy=False)
+    if (height, width) == (new_h, new_w):
+        out = src.copy()
+    else:
+        out = cv2.resize(src, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+    return _pad(out, size, (0, 1)) if mode == "letterbox" else out
+
+
 def resize_sample(
     image: np.ndarray, masks: np.ndarray, *, size: int, mode: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -95,11 +128,9 @@ def resize_sample(
         )
     height, width = image.shape[:2]
     new_h, new_w = target_shape(height, width, size=size, mode=mode)
-    shrink = size < max(height, width)
-    out_image = _resize_image(image, new_h, new_w, shrink)
+    out_image = resize_image(image, size=size, mode=mode)
     out_masks = _resize_masks(masks, new_h, new_w)
     if mode == "letterbox":
-        out_image = _pad(out_image, size, (0, 1))
         out_masks = _pad(out_masks, size, (1, 2))
     return out_image, out_masks
 

@@ -1,21 +1,17 @@
-"""3D inputs as Zarr v3 stores: ``OUT/volumes/{dataset}.zarr``, one group per case.
+"""3D inputs as Zarr v3 stores, ``OUT/volumes/{dataset}.zarr``: one group per case, in the layout
+``sharding/format.py`` states (the contract with the 3D reader; names are its constants).
 
-Each case group holds
+Why the layout is as it is:
 
-* ``image`` (Z, H, W): the **raw** intensities, not the uint8 of the shards. The uint8 mapping is a
+* ``image`` holds the **raw** intensities, not the uint8 of the shards. The uint8 mapping is a
   choice (CT window, MR percentiles) that 3D training may want to redo, and the raw values are
   exact: ``int16`` when every voxel is an integer in int16 range (CT in HU, most MR scanners),
   else ``float32`` (what the reader returns, so always lossless). int16 halves the bytes.
-  ``attrs["intensity"]`` records the mapping the 2D shards used (CT window, or the percentile
-  values and the ``lo``/``hi`` they gave for this volume), so ``sharding.intensity`` reproduces
-  the shards' uint8 slices exactly.
-* ``label`` (Z, H, W): the integer label map, uint8 (or uint16 for ids > 255); absent for
-  unlabelled cases (``attrs["labelled"]`` is false).
-
-Chunks are one slice (1, H, W) compressed with Blosc zstd + bit shuffle, so a 2.5D reader fetches
-exactly the slices it needs. Group attrs: spacing (z, y, x) mm, affine (4x4), class_map,
-modality, case_id, dataset, source, split, intensity, labelled, and for labelled cases
-foreground_slices (the z of slices with any nonzero label, so a reader can skip empty ones).
+  ``attrs["intensity"]`` records the mapping the 2D shards used
+  (``sharding.intensity.intensity_record``), so the 3D reader reproduces the shards' uint8 slices
+  exactly.
+* Chunks are one slice (1, H, W), so a 2.5D reader fetches exactly the slices it needs, and
+  ``foreground_slices`` lets it skip empty ones without reading the labels.
 
 A case is written under ``OUT/volumes/.tmp/`` and moved into the store by one directory rename
 when complete, so a killed run leaves either the whole group or nothing in the store. ``finalize``
@@ -38,14 +34,21 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from sharding.config import ShardingConfig
-from sharding.intensity import is_ct, percentile_bounds
+from sharding.format import (
+    CASES_ATTR,
+    FOREGROUND_ATTR,
+    IMAGE_ARRAY,
+    INTENSITY_ATTR,
+    LABEL_ARRAY,
+    VOLUMES_DIR,
+)
+from sharding.intensity import intensity_record
 from sharding.records import Volume
 
 __all__ = ["case_group_name", "finalize_volumes", "store_path", "write_case"]
 
 log = logging.getLogger(__name__)
 
-VOLUMES_DIR = "volumes"
 _TMP_DIR = ".tmp"
 _SAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 _INT16 = np.iinfo(np.int16)
@@ -92,19 +95,6 @@ def _label_dtype(label: np.ndarray) -> np.dtype:
     if top <= 65535:
         return np.dtype(np.uint16)
     return np.dtype(np.uint32)
-
-
-def _intensity_attrs(volume: Volume, cfg: ShardingConfig) -> dict:
-    if is_ct(volume.modality):
-        level, width = cfg.ct_window
-        return {"mapping": "ct_window", "level": float(level), "width": float(width)}
-    lo, hi = percentile_bounds(volume.image, (cfg.mr_percentiles[0], cfg.mr_percentiles[1]))
-    return {
-        "mapping": "percentiles",
-        "percentiles": [float(p) for p in cfg.mr_percentiles],
-        "lo": lo,
-        "hi": hi,
-    }
 
 
 def _ensure_store(store: Path) -> None:
@@ -156,15 +146,16 @@ def write_case(
         "spacing": [float(s) for s in volume.spacing],
         "affine": np.asarray(volume.affine, dtype=np.float64).tolist(),
         "class_map": {str(k): str(v) for k, v in sorted(volume.class_map.items())},
-        "intensity": _intensity_attrs(volume, cfg),
+        INTENSITY_ATTR: intensity_record(volume.image, modality=volume.modality, cfg=cfg),
         "labelled": volume.label is not None,
     }
     if volume.label is not None:
-        attrs["foreground_slices"] = [int(i) for i in np.flatnonzero(volume.label.any(axis=(1, 2)))]
+        foreground = np.flatnonzero(volume.label.any(axis=(1, 2)))
+        attrs[FOREGROUND_ATTR] = [int(i) for i in foreground]
     root = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attrs)
     image_dtype = _raw_dtype(volume.image)
     image = root.create_array(
-        "image",
+        IMAGE_ARRAY,
         shape=(z, h, w),
         chunks=(1, h, w),
         dtype=image_dtype,
@@ -175,7 +166,7 @@ def write_case(
     if volume.label is not None:
         label_dtype = _label_dtype(volume.label)
         label = root.create_array(
-            "label",
+            LABEL_ARRAY,
             shape=(z, h, w),
             chunks=(1, h, w),
             dtype=label_dtype,
@@ -214,7 +205,7 @@ def finalize_volumes(output: str | os.PathLike) -> list[Path]:
         cases = {}
         for group in sorted(p for p in store.iterdir() if (p / "zarr.json").exists()):
             attrs = _read_json(group / "zarr.json").get("attributes", {})
-            shape = _read_json(group / "image" / "zarr.json")["shape"]
+            shape = _read_json(group / IMAGE_ARRAY / "zarr.json")["shape"]
             cases[group.name] = {
                 "case_id": attrs.get("case_id", group.name),
                 "shape": list(shape),
@@ -222,8 +213,8 @@ def finalize_volumes(output: str | os.PathLike) -> list[Path]:
                 "spacing": attrs.get("spacing", []),
             }
         root = zarr.open_group(str(store), mode="r+", use_consolidated=False)
-        if root.attrs.asdict().get("cases") != cases:
-            root.attrs.put({"cases": cases})
+        if root.attrs.asdict().get(CASES_ATTR) != cases:
+            root.attrs.put({CASES_ATTR: cases})
         with warnings.catch_warnings():
             # zarr warns that consolidated metadata is not (yet) in the v3 spec; we want it
             warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""The 3D adjacent-slice reader on real Zarr v3 stores written here in the documented layout."""
+"""The 3D adjacent-slice reader on real Zarr v3 stores written by the shard writer."""
 
 from __future__ import annotations
 
@@ -14,81 +14,60 @@ import zarr
 from pipeline.config import DataConfig
 from pipeline.data.samples import SampleError
 from pipeline.data.volume import VolumeSliceDataset, build_volume_loader
+from sharding.config import ShardingConfig
+from sharding.format import FORMAT_VERSION
+from sharding.intensity import percentile_bounds
+from sharding.manifest import FORMAT_NAME
+from sharding.records import Volume
+from sharding.volumes import finalize_volumes, store_path, write_case
 
 S = 32
+CFG = ShardingConfig()  # CT window [40, 400] (-160..240 HU), MR percentiles [0.5, 99.5]
 
 
-def _write_case(
-    root: zarr.Group, group: str, image: np.ndarray, label: np.ndarray | None, **attrs
-) -> None:
-    node = root.create_group(group)
-    z, h, w = image.shape
-    arr = node.create_array("image", shape=image.shape, chunks=(1, h, w), dtype=image.dtype)
-    arr[...] = image
-    if label is not None:
-        lab = node.create_array("label", shape=label.shape, chunks=(1, h, w), dtype=label.dtype)
-        lab[...] = label
-    node.attrs.update(
-        {
-            "case_id": group,
-            "spacing": [2.0, 1.0, 1.0],
-            "affine": np.eye(4).tolist(),
-            "class_map": {"1": "liver", "2": "tumour"},
-            **attrs,
-        }
+def _write_case(out, case_id, image, label, *, split, modality, dataset="toy") -> None:
+    volume = Volume(
+        image=image.astype(np.float32),
+        label=label,
+        spacing=(2.0, 1.0, 1.0),
+        affine=np.eye(4),
+        class_map={1: "liver", 2: "tumour"},
+        dataset=dataset,
+        case_id=case_id,
+        modality=modality,
     )
+    write_case(out, volume, split=split, cfg=CFG)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vol") / "toy.zarr"
+    out = tmp_path_factory.mktemp("vol")
     rng = np.random.default_rng(0)
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
     cases = {}
-    # CT in HU (int16) with a window
-    ct = rng.integers(-1000, 1500, size=(7, S, S), dtype=np.int16)
+    # CT in HU (integers: stored as int16) with the window
+    ct = rng.integers(-1000, 1500, size=(7, S, S)).astype(np.int16)
     ct_label = np.zeros((7, S, S), np.uint8)
     ct_label[2:5, 8:20, 10:22] = 1
     ct_label[3, 0:4, 0:4] = 2
-    _write_case(
-        root,
-        "ct01",
-        ct,
-        ct_label,
-        split="train",
-        modality="ct",
-        intensity={"kind": "ct_window", "level": 40, "width": 400},
-    )
+    _write_case(out, "ct01", ct, ct_label, split="train", modality="ct")
     cases["ct01"] = (ct, ct_label, (-160.0, 240.0))
-    # MR float32 at another size (resized on read), percentiles computed by the reader
+    # MR float32 at another size (resized on read), bounds from the writer's percentiles
     mr = rng.normal(300, 80, size=(4, 40, 40)).astype(np.float32)
     mr_label = np.zeros((4, 40, 40), np.int16)
     mr_label[1, 10:30, 10:30] = 2
-    _write_case(
-        root,
-        "mr01",
-        mr,
-        mr_label,
-        split="train",
-        modality="mr",
-        intensity={"kind": "percentile", "low": 0.5, "high": 99.5},
-    )
+    _write_case(out, "mr01", mr, mr_label, split="train", modality="mr")
     cases["mr01"] = (mr, mr_label, tuple(np.percentile(mr, [0.5, 99.5]).tolist()))
-    # uint8, unlabelled, val split
+    # unlabelled, val split
     us = rng.integers(0, 256, size=(3, S, S), dtype=np.uint8)
-    _write_case(root, "us01", us, None, split="val", modality="us")
-    cases["us01"] = (us, None, None)
-    # non-square MR, bounds stored by the writer as sharding/volumes.py does (test split)
+    _write_case(out, "us01", us, None, split="val", modality="us")
+    cases["us01"] = (us, None, percentile_bounds(us, (0.5, 99.5)))
+    # non-square MR (test split)
     mr2 = rng.normal(0, 1, size=(2, 20, 40)).astype(np.float32)
     mr2_label = (mr2 > 1).astype(np.uint8)
-    intensity = {"mapping": "percentiles", "percentiles": [1, 99], "lo": -1.5, "hi": 2}
-    _write_case(root, "mr02", mr2, mr2_label, split="test", modality="mr", intensity=intensity)
-    cases["mr02"] = (mr2, mr2_label, (-1.5, 2.0))
-    root.attrs["cases"] = [
-        {"group": g, "case_id": g, "split": root[g].attrs["split"]}
-        for g in ("ct01", "mr01", "us01", "mr02")
-    ]
-    return path, cases
+    _write_case(out, "mr02", mr2, mr2_label, split="test", modality="mr")
+    cases["mr02"] = (mr2, mr2_label, percentile_bounds(mr2, (0.5, 99.5)))
+    finalize_volumes(out)
+    return store_path(out, "toy"), cases
 
 
 def _uint8(raw: np.ndarray, bounds) -> np.ndarray:
@@ -164,7 +143,8 @@ def test_centre_label_foreground_only_and_unlabelled(store):
     np.testing.assert_array_equal(item["label"].numpy(), cases["ct01"][1][3].astype(np.int64))
     val = VolumeSliceDataset(path, cfg=DataConfig(), image_size=S, slices=1, split="val")
     assert len(val) == 3 and not val[2]["label"].any()
-    np.testing.assert_array_equal(val[2]["image"][0, 1].numpy(), cases["us01"][0][2])
+    us, _, bounds = cases["us01"]
+    np.testing.assert_array_equal(val[2]["image"][0, 1].numpy(), _uint8(us[2], bounds))
 
 
 def test_loader_with_workers_reads_every_stack_once(store):
@@ -185,22 +165,32 @@ def test_loader_with_workers_reads_every_stack_once(store):
     assert len(seen) == 12 and len(set(seen)) == 11
 
 
+def _set_attrs(out, group: str, **attrs) -> None:
+    """Change a case's attrs in place and consolidate again, as a damaged store would read."""
+    root = zarr.open_group(str(store_path(out, "bad")), mode="r+", use_consolidated=False)
+    root[group].attrs.update(attrs)
+    finalize_volumes(out)
+
+
 def test_bad_stores_name_the_case(tmp_path):
-    path = tmp_path / "bad.zarr"
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    _write_case(root, "c1", np.zeros((2, S, S), np.float32), None, split="train")
+    out = tmp_path / "out"
+    path = store_path(out, "bad")
+    one = dict(cfg=DataConfig(), image_size=S, slices=1)
+    _write_case(out, "c1", np.zeros((2, S, S)), None, split="train", modality="mr", dataset="bad")
+    with pytest.raises(SampleError, match=r"bad\.zarr: no case index"):
+        VolumeSliceDataset(path, **one, split="train")  # not finalized
+    finalize_volumes(out)
+    assert len(VolumeSliceDataset(path, **one, split="train")) == 2
+    _set_attrs(out, "c1", intensity=None)
     with pytest.raises(SampleError, match=r"bad\.zarr/c1.*intensity"):
-        VolumeSliceDataset(path, cfg=DataConfig(), image_size=S, slices=1, split="train")
-    root["c1"].attrs["intensity"] = {"kind": "gamma"}
-    ds = VolumeSliceDataset(path, cfg=DataConfig(), image_size=S, slices=1, split="train")
+        VolumeSliceDataset(path, **one, split="train")
+    _set_attrs(out, "c1", intensity={"mapping": "gamma"})
     with pytest.raises(SampleError, match="c1.*unknown mapping 'gamma'"):
-        ds[0]
+        VolumeSliceDataset(path, **one, split="train")
     with pytest.raises(SampleError, match="no case of split 'test'"):
-        VolumeSliceDataset(path, cfg=DataConfig(), image_size=S, slices=1, split="test")
+        VolumeSliceDataset(path, **one, split="test")
     with pytest.raises(SampleError, match="nowhere.zarr"):
-        VolumeSliceDataset(
-            tmp_path / "nowhere.zarr", cfg=DataConfig(), image_size=S, slices=1, split="train"
-        )
+        VolumeSliceDataset(tmp_path / "nowhere.zarr", **one, split="train")
     with pytest.raises(ValueError, match=r"slices must be odd and >= 1 \(model\.slices\), got 2"):
         VolumeSliceDataset(path, cfg=DataConfig(), image_size=S, slices=2, split="train")
 
@@ -222,17 +212,8 @@ def test_letterbox_follows_the_manifest(store, tmp_path):
     out = tmp_path / "out"
     (out / "volumes").mkdir(parents=True)
     shutil.copytree(path, out / "volumes" / "toy.zarr")
-    (out / "manifest.json").write_text(json.dumps({"resize": "letterbox"}))
+    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "shards": []}
+    manifest.update(image_size=S, resize="letterbox")
+    (out / "manifest.json").write_text(json.dumps(manifest))
     auto = VolumeSliceDataset(out / "volumes" / "toy.zarr", **cfg, split="test")
     assert auto.resize == "letterbox" and torch.equal(auto[1]["image"], boxed[1]["image"])
-
-
-def test_uint8_rule_rounds_halves_up():
-    from pipeline.data.volume import to_uint8
-
-    raw = np.array([200, 40, -160, 240, -2000, 3000, np.nan], np.float32)
-    # (200 + 160) * 255 / 400 = 229.5 exactly: must round to 230 as the shard writer does
-    assert to_uint8(raw, -160.0, 240.0).tolist() == [230, 128, 0, 255, 0, 255, 0]
-    assert to_uint8(raw, 5.0, 5.0).tolist() == [0] * 7
-    with pytest.raises(ValueError, match="no intensity rule"):
-        to_uint8(raw, None, None)

@@ -76,6 +76,37 @@ def test_uint8_non_ct_is_returned_as_is_and_degenerate_inputs():
     np.testing.assert_array_equal(got, _reference(u16, 0.0, 65535.0))
 
 
+def test_linear_rule_rounds_halves_up():
+    raw = np.array([200, 40, -160, 240, -2000, 3000, np.nan], np.float32)
+    # (200 + 160) * 255 / 400 = 229.5 exactly: rounds to 230 (the 3D reader maps slices with it)
+    assert intensity.linear_uint8(raw, -160.0, 240.0).tolist() == [230, 128, 0, 255, 0, 255, 0]
+    assert intensity.linear_uint8(raw, 5.0, 5.0).tolist() == [0] * 7
+
+
+def test_intensity_record_gives_back_the_bounds_of_to_uint8():
+    """What a volume's attrs store, read back, maps a slice exactly as ``to_uint8`` mapped the
+    whole volume for the 2D shards."""
+    rng = np.random.default_rng(3)
+    cfg = ShardingConfig(ct_window=[40.0, 400.0], mr_percentiles=[1.0, 99.0])
+    for modality, vol in (
+        ("ct", rng.integers(-1000, 1500, size=(3, 8, 9)).astype(np.float32)),
+        ("mr", rng.gamma(2.0, 300.0, size=(3, 8, 9)).astype(np.float32)),
+    ):
+        record = intensity.intensity_record(vol, modality=modality, cfg=cfg)
+        lo, hi = intensity.record_bounds(record)
+        np.testing.assert_array_equal(
+            intensity.linear_uint8(vol[1], lo, hi), to_uint8(vol, modality=modality, cfg=cfg)[1]
+        )
+    assert record["mapping"] == "percentiles" and record["percentiles"] == [1.0, 99.0]
+    ct = intensity.intensity_record(vol, modality="CT", cfg=cfg)
+    assert ct == {"mapping": "ct_window", "level": 40.0, "width": 400.0}
+    assert intensity.record_bounds(ct) == (-160.0, 240.0)
+    with pytest.raises(ValueError, match="unknown mapping 'gamma'"):
+        intensity.record_bounds({"mapping": "gamma"})
+    with pytest.raises(ValueError, match="window width must be > 0"):
+        intensity.record_bounds({"mapping": "ct_window", "level": 40, "width": 0})
+
+
 def test_chunked_conversion_equals_one_pass(monkeypatch):
     rng = np.random.default_rng(2)
     vol = rng.normal(0, 500, size=(4, 33, 31)).astype(np.float32)
