@@ -27,13 +27,13 @@ __all__ = [
     "ConfigError",
     "FieldError",
     "build",
+    "dump_config",
     "flatten",
     "fraction",
     "from_dict",
     "load",
     "read_tree",
     "require",
-    "save_config",
     "to_dict",
 ]
 
@@ -291,7 +291,7 @@ def from_dict(cls: type, values: dict, *, prefix: str = "") -> Any:
 
 
 def to_dict(cfg: Any) -> dict:
-    """The tree as nested plain dicts (the YAML that ``save_config`` writes)."""
+    """The tree as nested plain dicts (the YAML of ``dump_config``)."""
     return dataclasses.asdict(cfg)
 
 
@@ -310,10 +310,7 @@ def flatten(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+def dump_config(cfg: Any) -> str:
+    """The resolved config as YAML text, in field order (``load`` reads it back). The run writes
+    it with ``sharding.files.atomic_write_text``, the one temp-file-and-rename helper."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from configtree import ConfigError, flatten, save_config
+from configtree import ConfigError, dump_config, flatten
 from pipeline.checkpoint import latest_complete, load_checkpoint, resolve_resume, save_checkpoint
 from pipeline.config import PipelineConfig
 from pipeline.data.shards import read_manifest
@@ -33,6 +33,7 @@ from pipeline.overlay import write_overlays
 from pipeline.process import EXIT_REQUEUE, install_signal_handlers, should_stop
 from pipeline.tasks import NonFiniteLoss, build_task, task_class
 from pipeline.tracking import Tracker
+from sharding.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class Trainer:
         cfg = self.cfg
         resumed = self._resume()
         if self.env.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
         self.run_id = self.tracker.start(
             cfg=cfg.tracking,
             run_dir=self.run_dir,

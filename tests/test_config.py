@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from configtree import ConfigError, flatten, save_config, to_dict
+from configtree import ConfigError, dump_config, flatten, to_dict
 from samadapt.config import from_dict, load_config
+from sharding.files import atomic_write_text
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -37,7 +38,7 @@ def test_overrides_and_yaml_values():
 
 def test_round_trip(tmp_path):
     cfg = load_config(CONFIGS[0].parent / "debug.yaml")
-    save_config(cfg, tmp_path / "c.yaml")
+    atomic_write_text(tmp_path / "c.yaml", dump_config(cfg))
     again = load_config(tmp_path / "c.yaml")
     assert to_dict(again) == to_dict(cfg) == to_dict(from_dict(to_dict(cfg)))
     assert flatten(cfg)["model.arch"] == "tiny"
@@ -231,7 +232,7 @@ def test_saved_run_config_holds_every_section(tmp_path):
     from pipeline.config import PipelineConfig
 
     cfg = load_config(CONFIGS[0].parent / "debug.yaml", ["launch.ranks=2", "model.slices=3"])
-    save_config(cfg, tmp_path / "config.yaml")
+    atomic_write_text(tmp_path / "config.yaml", dump_config(cfg))
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     sections = {"sharding", "data", "model", "train", "eval", "launch", "tracking"}
     assert set(saved) == {"run_dir", "seed", *sections} and saved["launch"]["ranks"] == 2
