@@ -782,7 +782,7 @@ def test_units_are_shuffled_by_seed_deterministically(tmp_path, capsys):
         }
         orders[name] = [
             json.loads(files[name][s["path"].replace(".tar", ".json")])["units"]
-            for s in load_manifest(out)["shards"]
+            for s in load_manifest(out).document["shards"]
         ]
     assert files["a"] == files["b"]
     units = [u for shard_units in orders["a"] for u in shard_units]
@@ -815,8 +815,8 @@ def test_slices_of_3d_cases_are_mixed_within_a_shard(tmp_path):
         assert not list(out.rglob("*.tmp-*"))
         manifest = load_manifest(out)
         keys = [
-            [raw["__key__"] for raw in wds.WebDataset(str(out / s["path"]), shardshuffle=False)]
-            for s in manifest["shards"]
+            [raw["__key__"] for raw in wds.WebDataset(s.url, shardshuffle=False)]
+            for s in manifest.shards
         ]
         orders.append(keys)
     assert orders[0] == orders[1]
