@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from conftest import ROOT, SMALL_SIZE
 from mlflow.tracking import MlflowClient
 
-from pipeline.distributed import free_port
+from launch.local import free_port
 
 SEED = 7
 
@@ -75,7 +75,8 @@ def _probe_class():
 
 
 def _worker(rank: int, port: int, shards: str, run_dir: str) -> None:
-    from pipeline.distributed import DistEnv, init_distributed
+    from pipeline.distributed import DistEnv
+    from pipeline.engine import init_distributed
     from pipeline.tasks import TASKS
     from pipeline.trainer import Trainer
     from samadapt.config import load_config
