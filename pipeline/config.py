@@ -13,11 +13,14 @@ Functions take the section they need (``cfg.data``, ``cfg.train``...), never the
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from configtree import fraction, require
+from pipeline.losses.options import LossOptionError
+from pipeline.losses.specs import resolve_interactive
 from pipeline.model.config import ModelConfig
 
 __all__ = [
@@ -96,6 +99,51 @@ class DataConfig:
 
 
 @dataclass
+class LossConfig:
+    """The loss of promptable training (``pipeline/losses``): a name and its options.
+
+    An option left empty takes the named loss's default (``pipeline/losses/specs.py`` lists them).
+    """
+
+    name: str = "sam_med2d"
+    """sam_med2d: SAM-Med2D's 20 focal + Dice + IoU-MSE over the whole batch (made for a
+    pretrained SAM; from random weights it collapses to empty masks); bce_dice: BCE + Dice per
+    mask; focal_dice: 20 focal + Dice per mask."""
+    focal_weight: float | None = None
+    """Weight of the focal term (sam_med2d, focal_dice)."""
+    bce_weight: float | None = None
+    """Weight of the BCE term (bce_dice)."""
+    dice_weight: float | None = None
+    iou_weight: float | None = None
+    """Weight of the MSE between the predicted IoU and the mask's IoU."""
+    reduction: str = ""
+    """mask: each mask's Dice on its own pixels, averaged over masks (small structures weigh as
+    much as large ones); batch: one Dice over every pixel of the batch (SAM-Med2D)."""
+    iou_target: str = ""
+    """detached: the IoU regression target carries no gradient; live: it does (SAM-Med2D)."""
+    pos_weight: float | None = None
+    """BCE weight of foreground pixels (bce_dice; MSA: 2)."""
+    gamma: float | None = None
+    alpha: float | None = None
+    smooth: float | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The options set here (the rest take the loss's defaults)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "name" and getattr(self, f.name) not in (None, "")
+        }
+
+    def __post_init__(self) -> None:
+        try:
+            resolve_interactive(self.name, self.options())
+        except LossOptionError as err:
+            message = err.message
+            require(False, err.option, f"is an {message}" if message.startswith("un") else message)
+
+
+@dataclass
 class TrainConfig:
     """The training loop (``samadapt train``), its optimizer, DeepSpeed engine and checkpoints."""
 
@@ -157,9 +205,8 @@ class TrainConfig:
     """Feed the previous mask as sigmoid probabilities (SAM-Med2D) instead of logits."""
     sum_interaction_losses: bool = False
     """Sum the n step losses into one update (SAM-Med3D) instead of n optimizer steps."""
-    focal_weight: float = 20.0
-    dice_weight: float = 1.0
-    iou_weight: float = 1.0
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The interactive loss (train.mode=interactive), by name with its options."""
     # -- prompt-free training (SAMed: 0.2 CE + 0.8 Dice) ---------------------------------------
     ce_weight: float = 0.2
     semantic_dice_weight: float = 0.8
@@ -172,13 +219,7 @@ class TrainConfig:
             "click_choices",
             f"must be a non-empty list of click counts >= 1, got {self.click_choices}",
         )
-        for key in (
-            "focal_weight",
-            "dice_weight",
-            "iou_weight",
-            "ce_weight",
-            "semantic_dice_weight",
-        ):
+        for key in ("ce_weight", "semantic_dice_weight"):
             require(getattr(self, key) >= 0, key, "must be >= 0")
         require(self.interaction_steps >= 1, "interaction_steps", "must be >= 1")
         require(self.lr > 0, "lr", "must be > 0")

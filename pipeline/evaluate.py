@@ -47,6 +47,45 @@ def dice_iou(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, to
     return dice, iou
 
 
+def fill_box(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """The prompt boxes filled: what a model that only draws its box prompt would predict.
+
+    Arguments:
+      boxes: (P, 4) x0, y0, x1, y1 in pixels, max exclusive (``pipeline/data/prompts.py``).
+      size: side of the square image.
+
+    Returns:
+      (P, size, size) bool.
+    """
+    grid = torch.arange(size, device=boxes.device, dtype=boxes.dtype)
+    x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))
+    cols = (grid >= x0) & (grid < x1)  # (P, size)
+    rows = (grid >= y0) & (grid < y1)
+    return rows[:, :, None] & cols[:, None, :]
+
+
+def baseline_dice(boxes: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Dice of the trivial answers per mask: the filled prompt box, and the whole image.
+
+    Arguments:
+      boxes: (P, 4) the box prompts (no jitter in validation).
+      target: (P, 1, S, S) 0/1 masks.
+
+    Returns:
+      ``{"fill_box": (P,), "fill_image": (P,)}`` float32.
+    """
+    truth = target[:, 0] > 0.5
+    box_dice, _ = dice_iou(fill_box(boxes, truth.shape[-1]), truth)
+    area = truth.flatten(1).sum(1).float()
+    image_dice = 2 * area / (area + truth[0].numel())
+    return {"fill_box": box_dice, "fill_image": image_dice}
+
+
+BASELINES = ("fill_box", "fill_image")
+"""Trivial answers scored beside the model in every interactive validation
+(``val/baseline/dice_<name>``)."""
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -111,10 +150,13 @@ def validate_interactive(
         overlays, from this rank's first batch.
 
     Returns:
-      ``{"val/dice_box": ..., "val/iou_box": ..., "val/dice_point": ..., ...}`` and the examples.
+      ``{"val/dice_box": ..., "val/iou_box": ..., "val/dice_point": ..., ...}`` with the trivial
+      answers' Dice on the same masks (``val/baseline/dice_fill_box``, ``.../dice_fill_image``),
+      and the examples.
     """
     examples: list[Example] = []
     sums = torch.zeros(len(prompts), 3, dtype=torch.float64)  # dice, iou, count per prompt
+    trivial = torch.zeros(len(BASELINES), dtype=torch.float64)  # Dice sums of the baselines
     for batch, real in lockstep(loader, engine.device):
         data = {k: v.to(engine.device) for k, v in batch.items() if torch.is_tensor(v)}
         if data["masks"].shape[1] == 0:
@@ -122,6 +164,8 @@ def validate_interactive(
         p = prompts_of(data)
         valid = data["mask_valid"].reshape(-1) & real
         embeddings = engine({"images": data["image"]}, "encode")
+        for j, dice in enumerate(baseline_dice(p["boxes"], p["target"]).values()):
+            trivial[j] += dice[valid].sum().double().cpu()
         for i, kind in enumerate(prompts):
             inputs: dict[str, Any] = {
                 "embeddings": embeddings,
@@ -157,12 +201,15 @@ def validate_interactive(
             sums[i, 1] += jacc[valid].sum().double().cpu()
             sums[i, 2] += valid.sum().double().cpu()
     sums = _all_reduce(sums.to(engine.device)).cpu()
+    trivial = _all_reduce(trivial.to(engine.device)).cpu()
     out = {}
     for i, kind in enumerate(prompts):
         n = max(float(sums[i, 2]), 1.0)
         out[f"val/dice_{kind}"] = float(sums[i, 0]) / n
         out[f"val/iou_{kind}"] = float(sums[i, 1]) / n
     out["val/masks"] = float(sums[0, 2])
+    for j, name in enumerate(BASELINES):
+        out[f"val/baseline/dice_{name}"] = float(trivial[j]) / max(float(sums[0, 2]), 1.0)
     return out, examples
 
 

@@ -28,7 +28,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.interact import StepPlan, mask_prompt, plan_interaction, sample_clicks
-from pipeline.losses import ce_dice_loss, sam_med2d_loss, select_best
+from pipeline.losses import InteractiveLoss, build_interactive_loss, ce_dice_loss, select_best
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -61,20 +61,13 @@ class _Turn:
 
 
 def _score(
-    logits: torch.Tensor, iou: torch.Tensor, target: torch.Tensor, train: TrainConfig
+    logits: torch.Tensor, iou: torch.Tensor, target: torch.Tensor, loss_fn: InteractiveLoss
 ) -> _Turn:
     best_low, best_iou, _ = select_best(logits, iou)
     full = torch.nn.functional.interpolate(
         best_low, target.shape[-2:], mode="bilinear", align_corners=False
     )
-    loss, parts = sam_med2d_loss(
-        full,
-        target,
-        best_iou,
-        focal_weight=train.focal_weight,
-        dice_weight=train.dice_weight,
-        iou_weight=train.iou_weight,
-    )
+    loss, parts = loss_fn(full, target, best_iou)
     return _Turn(loss=loss, parts=parts, low=best_low, full=full)
 
 
@@ -83,7 +76,7 @@ def _first_turn(
     image: torch.Tensor,
     p: dict[str, torch.Tensor],
     first: StepPlan,
-    train: TrainConfig,
+    loss_fn: InteractiveLoss,
 ) -> tuple[_Turn, torch.Tensor]:
     """Step 0: encoder + prompt encoder + decoder in one forward, a box or one point.
 
@@ -96,7 +89,7 @@ def _first_turn(
     else:
         inputs["points"] = (p["point_coords"][:, :1], p["point_labels"][:, :1])
     logits, iou, embeddings = engine(inputs, "prompt")
-    return _score(logits, iou, p["target"], train), embeddings
+    return _score(logits, iou, p["target"], loss_fn), embeddings
 
 
 def _next_turn(
@@ -107,6 +100,7 @@ def _next_turn(
     plan: StepPlan,
     *,
     train: TrainConfig,
+    loss_fn: InteractiveLoss,
     click_generator: torch.Generator,
 ) -> _Turn:
     """A re-prompt step: the previous mask, plus clicks from its error region unless the step is
@@ -123,7 +117,7 @@ def _next_turn(
             prev.full.detach(), p["target"], k=plan.clicks, generator=click_generator
         )
     logits, iou = engine(inputs, "decode")
-    turn = _score(logits, iou, p["target"], train)
+    turn = _score(logits, iou, p["target"], loss_fn)
     turn.low, turn.full = turn.low.detach(), turn.full.detach()
     return turn
 
@@ -133,15 +127,20 @@ def _update(engine: Any, loss: torch.Tensor, phases: tuple[str, ...], step: int)
     engine.step(phases, step=step)
 
 
-def _outputs(turns: list[_Turn], plan: list[StepPlan]) -> dict[str, torch.Tensor]:
+def _outputs(turns: list[_Turn], plan: list[StepPlan], pixel: str) -> dict[str, torch.Tensor]:
     return {
         "loss_steps": torch.stack([t.loss.detach() for t in turns]),
-        "focal": torch.stack([t.parts["focal"] for t in turns]),
+        pixel: torch.stack([t.parts["pixel"] for t in turns]),
         "dice": torch.stack([t.parts["dice"] for t in turns]),
         "iou": torch.stack([t.parts["iou"] for t in turns]),
         "prompt_kind": torch.tensor(0 if plan[0].uses_box else 1),
         "mask_only": torch.tensor([1 if s.kind == "mask_only" else 0 for s in plan]),
     }
+
+
+def build_loss(train: TrainConfig) -> InteractiveLoss:
+    """The interaction loop's loss from ``train.loss`` (checked when the config was loaded)."""
+    return build_interactive_loss(train.loss.name, **train.loss.options())
 
 
 def interactive_step(
@@ -153,6 +152,7 @@ def interactive_step(
     plan_generator: torch.Generator,
     click_generator: torch.Generator,
     phases: tuple[str, ...],
+    loss_fn: InteractiveLoss | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run the n-step simulated interaction on one batch and update the model.
 
@@ -165,11 +165,16 @@ def interactive_step(
       plan_generator: CPU generator for the step plan (box or point, mask-only step, k).
       click_generator: generator on the engine's device for click sampling.
       phases: all trainable phases (updated in step 0).
+      loss_fn: the loss of every step (default: built from ``train.loss``; build it once and
+        pass it in a loop).
 
     Returns:
-      Detached device tensors: ``loss_steps`` (n,) and ``focal``/``dice``/``iou`` (n,) per step,
+      Detached device tensors: ``loss_steps`` (n,) and the unweighted terms per step (n,):
+      the pixel term under its name (``focal`` or ``bce``), ``dice``, ``iou``;
       ``prompt_kind`` (0 box, 1 point), ``mask_only`` (n,) 0/1.
     """
+    if loss_fn is None:
+        loss_fn = build_loss(train)
     data = _to(batch, engine.device)
     p = prompts_of(data)
     plan = plan_interaction(
@@ -180,7 +185,7 @@ def interactive_step(
         random_mask_only=train.random_mask_only,
     )
     summed = train.sum_interaction_losses
-    turn, embeddings = _first_turn(engine, data["image"], p, plan[0], train)
+    turn, embeddings = _first_turn(engine, data["image"], p, plan[0], loss_fn)
     turns = [turn]
     if not summed:
         _update(engine, turn.loss, phases, step)
@@ -190,7 +195,14 @@ def interactive_step(
     embeddings = embeddings.detach()
     for s in plan[1:]:
         turn = _next_turn(
-            engine, embeddings, p, turns[-1], s, train=train, click_generator=click_generator
+            engine,
+            embeddings,
+            p,
+            turns[-1],
+            s,
+            train=train,
+            loss_fn=loss_fn,
+            click_generator=click_generator,
         )
         turns.append(turn)
         if not summed:
@@ -200,7 +212,7 @@ def interactive_step(
         for t in turns[1:]:  # added in step order, as the losses were made
             total = total + t.loss
         _update(engine, total, phases, step)
-    return _outputs(turns, plan)
+    return _outputs(turns, plan, loss_fn.pixel)
 
 
 def semantic_step(

@@ -94,6 +94,9 @@ class Trainer:
         self.tracker = Tracker(main=env.is_main)
         self.run_id: str | None = None
         self.stop_flag = install_signal_handlers()
+        # Validation of the model before its first step ("val/dice_box", ... -> Dice), kept in
+        # checkpoints: every later validation logs it again beside the model's own figures.
+        self.untrained: dict[str, float] = {}
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -110,8 +113,12 @@ class Trainer:
             self.epoch += 1
             self.batches_in_epoch = 0
 
-    def data_state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+    def data_state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "untrained": dict(self.untrained),
+        }
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -151,6 +158,10 @@ class Trainer:
         )
         status = "FINISHED"
         try:
+            if cfg.train.val_every and self.step == 0:
+                # The untrained model is the first baseline every later figure is read against.
+                self.untrained = _dice_only(self.validate())
+            last = {}
             while self.step < cfg.train.steps:
                 batch = next(batches)
                 out = self.train_step(batch)
@@ -168,7 +179,7 @@ class Trainer:
                     self.tracker.log_metrics(metrics, step=self.step)
                     self._log_line(metrics)
                 if cfg.train.val_every and self.step % cfg.train.val_every == 0:
-                    self.validate()
+                    last = self.validate()
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                     self.checkpoint()
                 if should_stop(self.stop_flag):
@@ -176,7 +187,8 @@ class Trainer:
                     status = "KILLED"
                     return self._preempted()
             if cfg.train.val_every and self.step % cfg.train.val_every != 0:
-                self.validate()
+                last = self.validate()
+            self._summary(last)
             if not (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
                 self.checkpoint()
             self._export()
@@ -218,6 +230,13 @@ class Trainer:
         try:
             keep = cfg.eval.overlays if self.env.is_main else 0
             metrics, examples = self.task.validate(loader, keep=keep)
+            if self.step > 0:
+                metrics.update(
+                    {
+                        f"val/untrained/{k.removeprefix('val/')}": v
+                        for k, v in self.untrained.items()
+                    }
+                )
             if examples and self.tracker.active:
                 name = f"overlays/step-{self.step:07d}"
                 for path in write_overlays(examples, self.run_dir / name):
@@ -248,7 +267,31 @@ class Trainer:
         self.step = resumed.step
         self.epoch = int(resumed.data_state["epoch"])
         self.batches_in_epoch = int(resumed.data_state["batches_in_epoch"])
+        self.untrained = dict(resumed.data_state.get("untrained", {}))
         return resumed.run_id
+
+    def _summary(self, metrics: dict[str, float]) -> None:
+        """The last lines of a run: the model's validation Dice beside the trivial answers'."""
+        if not self.env.is_main or not metrics:
+            return
+        model = _dice_only(metrics)
+        kinds = [k.removeprefix("val/dice").lstrip("_") or "dice" for k in model]
+        rows = [(f"model at step {self.step}", list(model.values()))]
+        if self.untrained:
+            rows.append(("untrained model", [self.untrained.get(k, math.nan) for k in model]))
+        fill_box = metrics.get("val/baseline/dice_fill_box")
+        if fill_box is not None:
+            rows.append(
+                ("filling the prompt box", [fill_box if k == "box" else math.nan for k in kinds])
+            )
+        fill_image = metrics.get("val/baseline/dice_fill_image")
+        if fill_image is not None:
+            rows.append(("filling the image", [fill_image] * len(kinds)))
+        lines = ["validation Dice  " + " " * 16 + "".join(f"{k:>8}" for k in kinds)]
+        for label, values in rows:
+            cells = "".join("       -" if math.isnan(v) else f"{v:8.3f}" for v in values)
+            lines.append(f"  {label:<31}{cells}")
+        log.info("\n".join(lines))
 
     def _export(self) -> None:
         tensors = self.engine.trainable_state_dict()  # collective: gathers ZeRO-3 partitions
@@ -270,5 +313,10 @@ class Trainer:
         return EXIT_REQUEUE
 
 
+def _dice_only(metrics: dict[str, float]) -> dict[str, float]:
+    """The model's own Dice figures of a validation (``val/dice``, ``val/dice_box``, ...)."""
+    return {k: v for k, v in metrics.items() if k.startswith("val/dice")}
+
+
 def _short(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items())
+    return ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items())

@@ -115,10 +115,13 @@ def test_trainer_runs_a_registered_task(small_shards, tmp_path):
     mp.spawn(_worker, args=(free_port(), str(small_shards), str(run_dir)), nprocs=1, join=True)
     results = torch.load(run_dir / "probe.pt", weights_only=False)
 
-    # first run: 2 steps, validated and checkpointed at step 2, through the task only
+    # first run: the untrained model validated, 2 steps, validated and checkpointed at step 2,
+    # through the task only
     first = results[2]
     assert first["code"] == 0
     assert first["calls"] == [
+        ("loader", 0, "val"),
+        ("validate", 4),
         ("loader", 0, None),
         ("step", 0),
         ("metrics", 0),
@@ -153,5 +156,6 @@ def test_trainer_runs_a_registered_task(small_shards, tmp_path):
     manifest = json.loads((small_shards / "manifest.json").read_text())
     val_images = sum(s["samples"] for s in manifest["shards"] if s["split"] == "val")
     assert val_images > 0
-    assert history["val/probe_images"] == {2: val_images, 3: val_images}
+    # step 0: the untrained model, validated once, before the first run's first step
+    assert history["val/probe_images"] == {0: val_images, 2: val_images, 3: val_images}
     assert (run_dir / "export" / "trainable.pt").is_file()

@@ -64,7 +64,16 @@ def test_interactive_zero2_learns_and_tracks(small_shards, tmp_path):
     assert run.data.tags["world_size"] == "2"
     for i in range(1, 10):
         assert len(client.get_metric_history(run.info.run_id, f"loss_step{i}")) == 40
-    assert "val/dice_box" in run.data.metrics
+    # Every validation scores the model beside the untrained model (validated at step 0, kept)
+    # and the trivial answers on the same masks; the run ends with the table of all of them.
+    dice = _history(run_dir, "val/dice_box")
+    assert sorted(dice) == [0, 40]
+    assert _history(run_dir, "val/untrained/dice_box") == {40: dice[0]}
+    fill_box = _history(run_dir, "val/baseline/dice_fill_box")
+    fill_image = _history(run_dir, "val/baseline/dice_fill_image")
+    assert sorted(fill_box) == sorted(fill_image) == [0, 40]
+    assert fill_box[0] == fill_box[40] and 0 < fill_image[0] < fill_box[0] < 1
+    assert "filling the prompt box" in proc.stderr and "untrained model" in proc.stderr
     loss = _history(run_dir, "loss")
     first = sum(loss[s] for s in range(1, 5)) / 4
     last = sum(loss[s] for s in range(33, 41)) / 8
@@ -109,7 +118,7 @@ def test_interactive_zero3(small_shards, tmp_path):
     )
     per_sample = sorted(int(b["mask_valid"].sum()) for b in batches)
     assert len(per_sample) > 4
-    (validated,) = _history(run_dir, "val/masks").values()
+    validated = _history(run_dir, "val/masks")[6]  # step 0: the untrained model, same masks
     assert 0 < validated <= sum(per_sample[-4:]) < sum(per_sample)
 
 

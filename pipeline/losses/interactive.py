@@ -36,22 +36,12 @@ keeps its name when the loss changes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
 
-from pipeline.losses.options import (
-    LossOptionError,
-    check_options,
-    fraction,
-    non_negative,
-    one_of,
-    positive,
-)
-from pipeline.losses.semantic import SEMANTIC_LOSSES
+from pipeline.losses.specs import INTERACTIVE_LOSSES, IOU_TARGETS, REDUCTIONS, resolve_interactive
 from pipeline.losses.terms import (
     Reduction,
     _bce,
@@ -77,46 +67,8 @@ __all__ = [
     "sam_med2d_loss",
 ]
 
-REDUCTIONS = ("mask", "batch")
-IOU_TARGETS = ("detached", "live")
 PART_KEYS = ("pixel", "dice", "iou")
 _TERM_REDUCTION = {"mask": "per_mask", "batch": "batch"}  # option value -> terms.py's name
-
-_FOCAL = {"gamma": 2.0, "alpha": 0.25}
-_SPECS: dict[str, tuple[Literal["focal", "bce"], dict[str, Any]]] = {
-    "sam_med2d": (
-        "focal",
-        {"focal_weight": 20.0, "dice_weight": 1.0, "iou_weight": 1.0, **_FOCAL, "smooth": 1.0,
-         "reduction": "batch", "iou_target": "live"},
-    ),
-    "focal_dice": (
-        "focal",
-        {"focal_weight": 20.0, "dice_weight": 1.0, "iou_weight": 1.0, **_FOCAL, "smooth": 1.0,
-         "reduction": "mask", "iou_target": "detached"},
-    ),
-    "bce_dice": (
-        "bce",
-        {"bce_weight": 1.0, "dice_weight": 1.0, "iou_weight": 1.0, "pos_weight": 1.0,
-         "smooth": 1.0, "reduction": "mask", "iou_target": "detached"},
-    ),
-}  # fmt: skip
-_RULES = {
-    "focal_weight": non_negative,
-    "bce_weight": non_negative,
-    "dice_weight": non_negative,
-    "iou_weight": non_negative,
-    "gamma": non_negative,
-    "alpha": fraction,
-    "pos_weight": positive,
-    "smooth": non_negative,
-    "reduction": one_of(*REDUCTIONS),
-    "iou_target": one_of(*IOU_TARGETS),
-}
-
-INTERACTIVE_LOSSES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
-    {name: MappingProxyType(defaults) for name, (_, defaults) in _SPECS.items()}
-)
-"""Loss name -> {option: default}: what the config validates ``train.loss`` against."""
 
 
 def _combined(
@@ -270,18 +222,6 @@ def build_interactive_loss(name: str, **options: Any) -> InteractiveLoss:
       LossOptionError (a ValueError): ``.option`` is "name" for an unknown loss, else the unknown
         or bad option; the message says what is wrong and lists the choices.
     """
-    if name not in _SPECS:
-        from_semantic = " (a loss for prompt-free heads)" if name in SEMANTIC_LOSSES else ""
-        raise LossOptionError(
-            "name",
-            f"unknown interactive loss {name!r}{from_semantic}; known: {', '.join(_SPECS)}",
-        )
-    pixel, defaults = _SPECS[name]
-    resolved = check_options(name, options, defaults, _RULES)
-    weight_keys = [k for k in resolved if k.endswith("_weight") and k != "pos_weight"]
-    if all(resolved[k] == 0 for k in weight_keys):
-        raise LossOptionError(
-            weight_keys[0], f"all term weights ({', '.join(weight_keys)}) are 0 (loss {name!r})"
-        )
+    pixel, resolved = resolve_interactive(name, options)
     pixel_weight = resolved.pop(f"{pixel}_weight")
     return InteractiveLoss(name=name, pixel=pixel, pixel_weight=pixel_weight, **resolved)

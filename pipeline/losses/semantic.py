@@ -18,15 +18,13 @@ by the same class large in another). The callable returns ``(total, parts)`` wit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses.options import LossOptionError, boolean, check_options, non_negative, one_of
+from pipeline.losses.specs import SEMANTIC_LOSSES, resolve_semantic
 from pipeline.losses.terms import Reduction, _check_reduction, _full_precision, _upcast
 
 __all__ = [
@@ -38,24 +36,6 @@ __all__ = [
 ]
 
 SEMANTIC_PART_KEYS = ("ce", "dice")
-_DEFAULTS = {
-    "ce_weight": 0.2,
-    "dice_weight": 0.8,
-    "smooth": 1e-5,
-    "include_background": True,
-    "reduction": "batch",
-}
-_RULES = {
-    "ce_weight": non_negative,
-    "dice_weight": non_negative,
-    "smooth": non_negative,
-    "include_background": boolean,
-    "reduction": one_of("mask", "batch"),
-}
-SEMANTIC_LOSSES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
-    {"ce_dice": MappingProxyType(_DEFAULTS)}
-)
-"""Loss name -> {option: default} for prompt-free heads."""
 
 
 def ce_dice_loss(
@@ -166,12 +146,4 @@ def build_semantic_loss(name: str, **options: Any) -> SemanticLoss:
       LossOptionError (a ValueError): ``.option`` is "name" for an unknown loss, else the unknown
         or bad option.
     """
-    if name not in SEMANTIC_LOSSES:
-        raise LossOptionError(
-            "name",
-            f"unknown prompt-free loss {name!r}; known: {', '.join(SEMANTIC_LOSSES)}",
-        )
-    resolved = check_options(name, options, SEMANTIC_LOSSES[name], _RULES)
-    if resolved["ce_weight"] == 0 and resolved["dice_weight"] == 0:
-        raise LossOptionError("ce_weight", f"ce_weight and dice_weight are both 0 (loss {name!r})")
-    return SemanticLoss(name=name, **resolved)
+    return SemanticLoss(name=name, **resolve_semantic(name, options))

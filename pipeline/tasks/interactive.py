@@ -7,6 +7,7 @@ loop (``pipeline/steps.py``); validation scores one box and/or one point prompt 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,8 +17,28 @@ from pipeline.config import DataConfig, EvalConfig, PipelineConfig, TrainConfig
 from pipeline.data.stream import build_eval_loader, build_train_loader
 from pipeline.distributed import DistEnv
 from pipeline.evaluate import Example, validate_interactive
-from pipeline.steps import interactive_step
+from pipeline.steps import build_loss, interactive_step
 from pipeline.tasks.base import NonFiniteLoss, Task, to_host
+
+log = logging.getLogger(__name__)
+
+
+# Losses whose 20x focal term was tuned for fine-tuning Meta's pretrained SAM.
+_PRETRAINED_LOSSES = ("sam_med2d", "focal_dice")
+
+
+def warn_random_start(cfg: PipelineConfig) -> None:
+    """Warn when a loss made for a pretrained SAM trains a model from random weights."""
+    loss = cfg.train.loss
+    if cfg.model.checkpoint or loss.name not in _PRETRAINED_LOSSES or loss.focal_weight == 0:
+        return
+    log.warning(
+        "train.loss.name=%s is a recipe for fine-tuning a pretrained SAM, but model.checkpoint "
+        "is empty: the model starts from random weights, where its 20x focal term drives every "
+        "mask to empty (Dice ~0). From random weights use train.loss.name=bce_dice "
+        "train.loss.bce_weight=0 (per-mask Dice + IoU), as configs/debug.yaml does.",
+        loss.name,
+    )
 
 
 class InteractiveTask(Task):
@@ -55,11 +76,14 @@ class InteractiveTask(Task):
         self.click_gen = torch.Generator(device=engine.device)
         self.click_gen.manual_seed(seed * 2003 + env.rank)
         self.generators = {"plan": self.plan_gen, "click": self.click_gen}
+        self.loss_fn = build_loss(train)
 
     @classmethod
     def build(
         cls, cfg: PipelineConfig, *, engine: Any, env: DistEnv, phases: tuple[str, ...]
     ) -> InteractiveTask:
+        if env.is_main:
+            warn_random_start(cfg)
         return cls(
             data=cfg.data,
             train=cfg.train,
@@ -92,13 +116,15 @@ class InteractiveTask(Task):
             plan_generator=self.plan_gen,
             click_generator=self.click_gen,
             phases=self.phases,
+            loss_fn=self.loss_fn,
         )
 
     def metrics(
         self, outputs: dict[str, torch.Tensor], batch: dict[str, Any], *, step: int
     ) -> dict[str, float]:
-        """``loss`` (mean over the interaction steps), ``loss_step1..n``, the mean ``focal``,
-        ``dice`` and ``iou`` terms, ``first_prompt_point`` (1 = the first prompt was a point)."""
+        """``loss`` (mean over the interaction steps), ``loss_step1..n``, the mean loss terms
+        (``focal`` or ``bce``, ``dice``, ``iou``), ``first_prompt_point`` (1 = the first prompt
+        was a point)."""
         host = to_host(outputs)
         steps = host["loss_steps"]
         if not torch.isfinite(steps).all():
@@ -109,7 +135,7 @@ class InteractiveTask(Task):
             )
         metrics = {"loss": float(steps.mean())}
         metrics.update({f"loss_step{i + 1}": float(v) for i, v in enumerate(steps)})
-        for part in ("focal", "dice", "iou"):
+        for part in (self.loss_fn.pixel, "dice", "iou"):
             metrics[part] = float(host[part].mean())
         metrics["first_prompt_point"] = float(host["prompt_kind"])
         return metrics
