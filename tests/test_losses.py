@@ -450,7 +450,8 @@ def test_bad_interactive_options_name_the_option(name, options, option, match):
 @pytest.mark.parametrize(
     ("name", "options", "option", "match"),
     [
-        ("bce_dice", {}, "name", "unknown prompt-free loss 'bce_dice' \\(a loss for promptable heads\\); known: ce_dice"),
+        ("bce_dice", {}, "name",
+         r"unknown prompt-free loss 'bce_dice' \(a loss for promptable heads\); known: ce_dice"),
         ("ce_dice", {"reduction": "image"}, "reduction", "must be one of mask, batch"),
         ("ce_dice", {"include_background": "no"}, "include_background", "true or false"),
         ("ce_dice", {"ce_weight": 0, "dice_weight": 0.0}, "ce_weight", "both 0"),
