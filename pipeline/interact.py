@@ -50,6 +50,7 @@ __all__ = [
     "StepPlan",
     "mask_prompt",
     "plan_interaction",
+    "positions_from_uniform",
     "sample_clicks",
 ]
 
@@ -181,30 +182,37 @@ def _binary_prediction(pred_logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(x) > 0.5
 
 
-def _sample_positions(weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Draw k flat positions per row uniformly among the True entries, with replacement.
+def positions_from_uniform(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Flat positions, one per uniform draw, uniform among each row's True entries.
 
     Inverse-CDF sampling on integer counts: exact, sync-free, and rows with no True entry fall
     back to uniform positions over the whole row.
 
     Arguments:
       weights (torch.Tensor): (P, N) bool, the admissible positions.
-      k (int): draws per row.
-      generator (torch.Generator): on ``weights.device``.
+      u (torch.Tensor): (P, k) float64 uniforms in [0, 1) on ``weights.device``.
 
     Returns:
       (torch.Tensor): (P, k) int64 positions in [0, N).
     """
-    p, n = weights.shape
+    n = weights.shape[1]
     counts = weights.cumsum(1, dtype=torch.int32 if n < 2**31 else torch.int64)
     total = counts[:, -1:]
     has = total > 0
     pool = torch.where(has, total, torch.full_like(total, n))
-    u = torch.rand((p, k), generator=generator, device=weights.device, dtype=torch.float64)
     rank = torch.minimum((u * pool).floor().to(counts.dtype), pool - 1)
     # First position whose running count exceeds rank = the (rank+1)-th admissible position.
     position = torch.searchsorted(counts, rank, right=True)
     return torch.where(has, position, rank.long())
+
+
+def _sample_positions(weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Draw k flat positions per row uniformly among the True entries, with replacement (see
+    ``positions_from_uniform``); ``generator`` is on ``weights.device``."""
+    u = torch.rand(
+        (weights.shape[0], k), generator=generator, device=weights.device, dtype=torch.float64
+    )
+    return positions_from_uniform(weights, u)
 
 
 def _to_xy(index: torch.Tensor, width: int) -> torch.Tensor:

@@ -102,6 +102,12 @@ class Task(ABC):
         """
 
 
+def with_epoch(loader: Iterable[dict[str, Any]], epoch: int) -> Iterable[dict[str, Any]]:
+    """The training batches of ``epoch``, each told its epoch (``batch["epoch"]``): a sample's
+    augmentation is seeded by (data.seed, epoch, key)."""
+    return ({**batch, "epoch": epoch} for batch in loader)
+
+
 def to_host(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A step's figures on the host as float32, fetched together once per step: the loop's
     only wait for the device."""

@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
+from pipeline.augment import Augmenter
 from pipeline.config import DataConfig, EvalConfig, PipelineConfig, TrainConfig
 from pipeline.data.stream import build_eval_loader, build_train_loader
 from pipeline.distributed import DistEnv
 from pipeline.evaluate import Example, validate_interactive
 from pipeline.steps import build_loss, interactive_step
-from pipeline.tasks.base import NonFiniteLoss, Task, to_host
+from pipeline.tasks.base import NonFiniteLoss, Task, to_host, with_epoch
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,14 @@ class InteractiveTask(Task):
         self.click_gen.manual_seed(seed * 2003 + env.rank)
         self.generators = {"plan": self.plan_gen, "click": self.click_gen}
         self.loss_fn = build_loss(train)
+        # per-sample draws seeded by (data.seed, epoch, key): no generator state to checkpoint
+        self.augmenter = Augmenter(
+            data.augment,
+            seed=data.seed,
+            box_from=data.box_from,
+            box_jitter=data.box_jitter,
+            device=engine.device,
+        )
 
     @classmethod
     def build(
@@ -105,9 +114,11 @@ class InteractiveTask(Task):
         )
         if split is not None:
             return build_eval_loader(split=split, **kwargs)
-        return build_train_loader(epoch=epoch, **kwargs)
+        return with_epoch(build_train_loader(epoch=epoch, **kwargs), epoch)
 
     def step(self, batch: dict[str, Any], *, step: int) -> dict[str, torch.Tensor]:
+        if self.augmenter.enabled:
+            batch = self.augmenter.interactive(batch)
         return interactive_step(
             self.engine,
             batch,

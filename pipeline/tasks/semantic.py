@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from configtree import ConfigError
+from pipeline.augment import Augmenter
 from pipeline.config import DataConfig, PipelineConfig, TrainConfig
 from pipeline.data.shards import read_class_map
 from pipeline.data.stream import build_eval_loader, build_train_loader
@@ -21,14 +22,17 @@ from pipeline.distributed import DistEnv
 from pipeline.evaluate import Example, validate_semantic
 from pipeline.model.config import ModelConfig
 from pipeline.steps import semantic_step
-from pipeline.tasks.base import NonFiniteLoss, Task, to_host
+from pipeline.tasks.base import NonFiniteLoss, Task, to_host, with_epoch
 
 log = logging.getLogger(__name__)
 
 
 def flatten_stacks(batch: dict[str, Any]) -> dict[str, Any]:
-    """(B, D, ...) slice stacks -> (B*D, ...), each stack's D slices consecutive."""
+    """(B, D, ...) slice stacks -> (B*D, ...), each stack's D slices consecutive; ``keys`` names
+    each stack by its case group and centre slice (``group/z``), as a shard key names a sample.
+    """
     out = dict(batch)
+    out["keys"] = [f"{g}/{int(z)}" for g, z in zip(batch["group"], batch["z"], strict=True)]
     for key in ("image", "label"):
         value = batch[key]
         out[key] = value.reshape(-1, *value.shape[2:])
@@ -89,7 +93,16 @@ class SemanticTask(Task):
     ) -> None:
         self.data, self.model, self.train, self.seed = data, model, train, seed
         self.engine, self.env, self.phases = engine, env, phases
-        self.generators = {}  # nothing random beyond the global RNGs the checkpoint keeps
+        # nothing random beyond the global RNGs the checkpoint keeps: augmentation draws per
+        # sample from (data.seed, epoch, key)
+        self.generators = {}
+        self.augmenter = Augmenter(
+            data.augment,
+            seed=data.seed,
+            box_from=data.box_from,
+            box_jitter=data.box_jitter,
+            device=engine.device,
+        )
 
     @classmethod
     def check(cls, cfg: PipelineConfig) -> None:
@@ -132,7 +145,8 @@ class SemanticTask(Task):
                 num_workers=data.num_workers,
                 seed=self.seed,
             )
-            return map(flatten_stacks, loader)
+            batches = map(flatten_stacks, loader)
+            return batches if split is not None else with_epoch(batches, epoch)
         kwargs = dict(
             cfg=data,
             image_size=self.model.image_size,
@@ -142,9 +156,11 @@ class SemanticTask(Task):
         )
         if split is not None:
             return build_eval_loader(split=split, **kwargs)
-        return build_train_loader(epoch=epoch, **kwargs)
+        return with_epoch(build_train_loader(epoch=epoch, **kwargs), epoch)
 
     def step(self, batch: dict[str, Any], *, step: int) -> dict[str, torch.Tensor]:
+        if self.augmenter.enabled:
+            batch = self.augmenter.semantic(batch)
         return semantic_step(
             self.engine,
             batch,
