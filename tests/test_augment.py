@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-import zarr
 from conftest import ROOT, SMALL_SIZE
 
 import pipeline.augment.batch as augment_batch
 from configtree import ConfigError
+from launch.local import free_port
 from pipeline.augment import Augmenter, draw_params, sample_generator
 from pipeline.augment.prompts import component_masks, mask_boxes
 from pipeline.config import AugmentConfig, DataConfig
@@ -25,9 +25,11 @@ from pipeline.data.collate import collate
 from pipeline.data.prompts import boxes_from_masks, component_boxes, points_from_masks
 from pipeline.data.stream import build_train_loader
 from pipeline.data.volume import VolumeSliceDataset, build_volume_loader
-from pipeline.distributed import free_port
 from pipeline.tasks.semantic import flatten_stacks
 from samadapt.config import load_config
+from sharding.config import ShardingConfig
+from sharding.records import Volume
+from sharding.volumes import finalize_volumes, store_path, write_case
 
 S = 48
 V = 64  # slice side of the volume store (the tiny model's input for the 3D run)
@@ -321,21 +323,42 @@ def test_samed_rule_rotates_only_what_rot_flip_left_alone():
 
 @pytest.fixture(scope="module")
 def stack_store(tmp_path_factory) -> Path:
-    """A uint8 volume whose label is its own threshold; case 'flat' repeats one slice in z."""
-    path = tmp_path_factory.mktemp("augvol") / "toy.zarr"
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    """A store written by the sharder's volume writer: two MR cases whose labels are two
+    thresholds of their images; case 'flat' repeats one slice in z."""
+    out = tmp_path_factory.mktemp("augvol")
     rng = np.random.default_rng(5)
     vary = np.stack([_field(rng, V) for _ in range(5)])
     flat = np.repeat(_field(rng, V)[None], 5, axis=0)
     for name, image in (("vary", vary), ("flat", flat)):
-        node = root.create_group(name)
-        arr = node.create_array("image", shape=image.shape, chunks=(1, V, V), dtype=np.uint8)
-        arr[...] = image
         label = (image > 100).astype(np.uint8) + (image > 170)
-        lab = node.create_array("label", shape=label.shape, chunks=(1, V, V), dtype=np.uint8)
-        lab[...] = label
-        node.attrs.update({"case_id": name, "split": "train", "class_map": {"1": "a", "2": "b"}})
-    return path
+        volume = Volume(
+            image=image.astype(np.float32),
+            label=label,
+            spacing=(2.0, 1.0, 1.0),
+            affine=np.eye(4),
+            class_map={1: "a", 2: "b"},
+            dataset="toy",
+            case_id=name,
+            modality="mr",
+        )
+        write_case(out, volume, split="train", cfg=ShardingConfig())
+    finalize_volumes(out)
+    return store_path(out, "toy")
+
+
+def _thresholds(image: torch.Tensor, label: torch.Tensor) -> tuple[int, int]:
+    """The two grey levels that separate the classes of a read batch (the reader maps the
+    stored intensities monotonically, so the label stays a pair of thresholds of the image)."""
+    t1, t2 = int(image[label == 0].max()), int(image[label <= 1].max())
+    assert torch.equal((image > t1).long() + (image > t2).long(), label)
+    return t1, t2
+
+
+def _misaligned(image: torch.Tensor, label: torch.Tensor, t: tuple[int, int]) -> tuple[int, ...]:
+    """(disagreements off the label's edges, disagreements, edge pixels)."""
+    disagree = ((image > t[0]).long() + (image > t[1]).long()) != label
+    band = _band(label)
+    return int((disagree & ~band).sum()), int(disagree.sum()), int(band.sum())
 
 
 def test_slice_stacks_move_together_with_their_labels(stack_store):
@@ -347,20 +370,19 @@ def test_slice_stacks_move_together_with_their_labels(stack_store):
     moved_any = False
     for batch in map(flatten_stacks, loader):
         assert len(batch["keys"]) * 3 == batch["image"].shape[0]
+        t = _thresholds(batch["image"][:, 0], batch["label"])
         out = aug.semantic({**batch, "epoch": 2})
         moved_any |= not torch.equal(out["label"], batch["label"])
-        image, label = out["image"][:, 0], out["label"]
-        expect = (image > 100).long() + (image > 170).long()
-        disagree = expect != label
-        band = _band(label)
-        assert not (disagree & ~band).any()
-        assert disagree.sum() < 0.25 * band.sum()
+        off_edge, disagree, band = _misaligned(out["image"][:, 0], out["label"], t)
+        assert off_edge == 0 and disagree < 0.25 * band
         for i, key in enumerate(batch["keys"]):
             stack = out["image"][3 * i : 3 * i + 3]
             if key.startswith("flat/"):  # identical slices stay identical: one transform
                 assert torch.equal(stack[0], stack[1]) and torch.equal(stack[1], stack[2])
         again = aug.semantic({**batch, "epoch": 2})
-        assert torch.equal(again["image"], out["image"]) and torch.equal(again["label"], label)
+        assert torch.equal(again["image"], out["image"]) and torch.equal(
+            again["label"], out["label"]
+        )
     assert moved_any
 
 
@@ -377,7 +399,8 @@ def _digest(*tensors: torch.Tensor) -> str:
 def _worker(rank: int, port: int, shards: str, store: str, runs: str) -> None:
     import pipeline.tasks.interactive as interactive
     import pipeline.tasks.semantic as semantic
-    from pipeline.distributed import DistEnv, init_distributed
+    from pipeline.distributed import DistEnv
+    from pipeline.engine import init_distributed
     from pipeline.trainer import Trainer
 
     env = DistEnv(rank, rank, 1, 1, "127.0.0.1", port, "gloo")
@@ -434,23 +457,15 @@ def _worker(rank: int, port: int, shards: str, store: str, runs: str) -> None:
     # prompt-free training on slice stacks from a Zarr store: the step gets augmented stacks
     # whose labels still match their images (the store's labels are thresholds of its images)
     real_semantic, real_semantic_task = semantic.semantic_step, semantic.SemanticTask.step
+    levels: list[tuple[int, int]] = []
 
     def recording_semantic(engine, batch, **kwargs):
         image, label = batch["image"][:, 0], batch["label"]
-        disagree = ((image > 100).long() + (image > 170).long()) != label
-        band = _band(label)
-        seen.append(
-            (
-                "augmented",
-                _digest(image, label),
-                int((disagree & ~band).sum()),
-                int(disagree.sum()),
-                int(band.sum()),
-            )
-        )
+        seen.append(("augmented", _digest(image, label), *_misaligned(image, label, levels[-1])))
         return real_semantic(engine, batch, **kwargs)
 
     def recording_semantic_task(self, batch, *, step):
+        levels.append(_thresholds(batch["image"][:, 0], batch["label"]))
         seen.append(("raw", _digest(batch["image"][:, 0], batch["label"])))
         return real_semantic_task(self, batch, step=step)
 
