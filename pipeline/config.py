@@ -2,7 +2,9 @@
 
 ``data`` (the streaming reader), ``train`` (loop, optimizer, engine, checkpoints), ``eval``
 (validation) and ``tracking`` (MLflow) live here; ``model`` lives with the model
-(``pipeline/model/config.py``). ``PipelineConfig`` composes them with the checks that span
+(``pipeline/model/config.py``), ``data.augment`` with the augmentation
+(``pipeline/augment/config.py``) and ``train.loss`` with the losses
+(``pipeline/losses/config.py``). ``PipelineConfig`` composes them with the checks that span
 sections; the root config of a run (``samadapt/config.py``) adds the ``sharding`` and ``launch``
 sections. Loading, overrides and the config error are ``configtree``'s.
 
@@ -13,14 +15,13 @@ Functions take the section they need (``cfg.data``, ``cfg.train``...), never the
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from configtree import fraction, require
-from pipeline.losses.options import LossOptionError
-from pipeline.losses.specs import resolve_interactive
+from pipeline.augment.config import AugmentConfig
+from pipeline.losses.config import LossConfig
 from pipeline.model.config import ModelConfig
 
 __all__ = [
@@ -39,92 +40,6 @@ __all__ = [
 # component (SAM-Med2D) or all of them.
 BoxFrom = Literal["largest_component", "whole_mask"]
 BOX_FROM: tuple[str, ...] = typing.get_args(BoxFrom)
-
-
-def _range(value: list[float], key: str, *, low: float, strict: bool) -> None:
-    """``value`` is ``[lo, hi]`` with ``low < lo`` (``low <= lo`` unless strict) and lo <= hi."""
-    bound = f"> {low}" if strict else f">= {low}"
-    require(
-        len(value) == 2
-        and (value[0] > low if strict else value[0] >= low)
-        and value[0] <= value[1],
-        key,
-        f"must be [lo, hi] with lo <= hi and lo {bound}, got {value}",
-    )
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentation (``pipeline/augment``): each transform is applied to a sample with
-    its probability (0 = never, the default; 1 = always), to the image and its masks or label map
-    together, on the training device, inside the training step (never in validation). Each
-    sample draws its parameters from a generator seeded by (data.seed, epoch, the sample's key),
-    so a resumed run draws the same augmentations, whatever the ranks and workers.
-
-    Order: gamma, contrast (image only); rot_flip, hflip, vflip, rot90 (exact: prompts are
-    transformed with the masks); rotate and scale (one resampling; prompts are recomputed from
-    the transformed masks by the reader's rules)."""
-
-    rot_flip: float = 0.0
-    """Probability of SAMed's / MA-SAM's random_rot_flip: a rotation by k * 90 degrees, k
-    uniform in {0, 1, 2, 3}, then a flip along rows or columns with equal chance."""
-    hflip: float = 0.0
-    """Probability of a left-right flip."""
-    vflip: float = 0.0
-    """Probability of an up-down flip."""
-    rot90: float = 0.0
-    """Probability of a rotation by k * 90 degrees, k uniform in {1, 2, 3}."""
-    rotate: float = 0.0
-    """Probability of a rotation by an angle uniform in [-rotate_deg, rotate_deg] about the
-    image centre (bilinear image, nearest masks and labels, zeros outside the image)."""
-    rotate_deg: float = 0.0
-    """The largest rotation angle, in degrees (0..180)."""
-    rotate_exclusive: bool = False
-    """Rotate only samples that no rot_flip / hflip / vflip / rot90 draw changed, ``rotate`` then
-    being the probability among those (SAMed's ``if ... rot_flip elif ... rotate``)."""
-    scale: float = 0.0
-    """Probability of a scaling about the image centre by a factor from scale_range."""
-    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    """[lo, hi] of the factor that multiplies the sampling grid (batchgenerators' and PIL's
-    convention): > 1 shows more of the image (content shrinks), < 1 zooms in."""
-    gamma: float = 0.0
-    """Probability of a gamma change: x -> lo + r * ((x - lo) / r) ** g on the sample's intensity
-    range (lo, r = its min and max - min), g from gamma_range."""
-    gamma_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    gamma_invert: bool = False
-    """Apply the exponent 1 / g instead of g (MA-SAM's adjust_light)."""
-    contrast: float = 0.0
-    """Probability of a contrast change: x -> m + c * (x - m), m the sample's mean, c from
-    contrast_range, clipped to 0..255 (PIL's ImageEnhance.Contrast)."""
-    contrast_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    split_at_one: bool = False
-    """Draw scale and gamma factors as batchgenerators does: below 1 or above 1 with equal
-    chance, then uniform in that part of the range; False = uniform over the whole range."""
-
-    PROBABILITIES = ("rot_flip", "hflip", "vflip", "rot90", "rotate", "scale", "gamma", "contrast")
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any transform can happen."""
-        return any(getattr(self, key) > 0 for key in self.PROBABILITIES)
-
-    def __post_init__(self) -> None:
-        for key in self.PROBABILITIES:
-            fraction(getattr(self, key), key)
-        require(
-            0 <= self.rotate_deg <= 180,
-            "rotate_deg",
-            f"must be in [0, 180] degrees, got {self.rotate_deg}",
-        )
-        require(
-            self.rotate == 0 or self.rotate_deg > 0,
-            "rotate",
-            f"={self.rotate} needs rotate_deg > 0 (the angle is drawn from "
-            "[-rotate_deg, rotate_deg])",
-        )
-        _range(self.scale_range, "scale_range", low=0.0, strict=True)
-        _range(self.gamma_range, "gamma_range", low=0.0, strict=True)
-        _range(self.contrast_range, "contrast_range", low=0.0, strict=False)
 
 
 @dataclass
@@ -185,51 +100,6 @@ class DataConfig:
         )
         require(self.box_jitter >= 0, "box_jitter", "must be >= 0")
         require(self.point_num >= 1, "point_num", "must be >= 1")
-
-
-@dataclass
-class LossConfig:
-    """The loss of promptable training (``pipeline/losses``): a name and its options.
-
-    An option left empty takes the named loss's default (``pipeline/losses/specs.py`` lists them).
-    """
-
-    name: str = "sam_med2d"
-    """sam_med2d: SAM-Med2D's 20 focal + Dice + IoU-MSE over the whole batch (made for a
-    pretrained SAM; from random weights it collapses to empty masks); bce_dice: BCE + Dice per
-    mask; focal_dice: 20 focal + Dice per mask."""
-    focal_weight: float | None = None
-    """Weight of the focal term (sam_med2d, focal_dice)."""
-    bce_weight: float | None = None
-    """Weight of the BCE term (bce_dice)."""
-    dice_weight: float | None = None
-    iou_weight: float | None = None
-    """Weight of the MSE between the predicted IoU and the mask's IoU."""
-    reduction: str = ""
-    """mask: each mask's Dice on its own pixels, averaged over masks (small structures weigh as
-    much as large ones); batch: one Dice over every pixel of the batch (SAM-Med2D)."""
-    iou_target: str = ""
-    """detached: the IoU regression target carries no gradient; live: it does (SAM-Med2D)."""
-    pos_weight: float | None = None
-    """BCE weight of foreground pixels (bce_dice; MSA: 2)."""
-    gamma: float | None = None
-    alpha: float | None = None
-    smooth: float | None = None
-
-    def options(self) -> dict[str, Any]:
-        """The options set here (the rest take the loss's defaults)."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name != "name" and getattr(self, f.name) not in (None, "")
-        }
-
-    def __post_init__(self) -> None:
-        try:
-            resolve_interactive(self.name, self.options())
-        except LossOptionError as err:
-            message = err.message
-            require(False, err.option, f"is an {message}" if message.startswith("un") else message)
 
 
 @dataclass

@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.augment.config import AugmentConfig
 from pipeline.augment.geometry import apply_dihedral, dihedral_boxes, dihedral_points, resample
 from pipeline.augment.intensity import adjust_intensity
 from pipeline.augment.params import SampleParams, draw_params, sample_generator
 from pipeline.augment.prompts import component_masks, jitter_boxes, mask_boxes, mask_points
-from pipeline.config import AugmentConfig, BoxFrom
+from pipeline.config import BoxFrom, DataConfig
 from pipeline.data.prompts import component_boxes, tight_boxes
 
 __all__ = ["HOST_COMPONENTS", "Augmenter"]
@@ -63,6 +64,17 @@ class Augmenter:
         self.cfg, self.seed = cfg, seed
         self.box_from, self.box_jitter = box_from, box_jitter
         self.device = torch.device(device)
+
+    @classmethod
+    def for_data(cls, data: DataConfig, *, device: torch.device | str) -> Augmenter:
+        """The augmenter of the data section (``data.augment``, its seed and box rule)."""
+        return cls(
+            data.augment,
+            seed=data.seed,
+            box_from=data.box_from,
+            box_jitter=data.box_jitter,
+            device=device,
+        )
 
     @property
     def enabled(self) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import AugmentConfig
+from pipeline.augment.config import AugmentConfig
 
 __all__ = ["DRAWS", "SampleParams", "dihedral_matrix", "draw_params", "sample_generator"]
 

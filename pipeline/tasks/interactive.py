@@ -79,13 +79,7 @@ class InteractiveTask(Task):
         self.generators = {"plan": self.plan_gen, "click": self.click_gen}
         self.loss_fn = build_loss(train)
         # per-sample draws seeded by (data.seed, epoch, key): no generator state to checkpoint
-        self.augmenter = Augmenter(
-            data.augment,
-            seed=data.seed,
-            box_from=data.box_from,
-            box_jitter=data.box_jitter,
-            device=engine.device,
-        )
+        self.augmenter = Augmenter.for_data(data, device=engine.device)
 
     @classmethod
     def build(

@@ -96,13 +96,7 @@ class SemanticTask(Task):
         # nothing random beyond the global RNGs the checkpoint keeps: augmentation draws per
         # sample from (data.seed, epoch, key)
         self.generators = {}
-        self.augmenter = Augmenter(
-            data.augment,
-            seed=data.seed,
-            box_from=data.box_from,
-            box_jitter=data.box_jitter,
-            device=engine.device,
-        )
+        self.augmenter = Augmenter.for_data(data, device=engine.device)
 
     @classmethod
     def check(cls, cfg: PipelineConfig) -> None:
