@@ -41,9 +41,20 @@ class WeightsError(RuntimeError):
     checkpoint that does not fit the run is ``pipeline.checkpoint.CheckpointError``.)"""
 
 
-def _first(keys: list[str], n: int = _SHOW) -> str:
+def first_keys(keys: list[str], n: int = _SHOW) -> str:
+    """The first ``n`` keys for an error message, with the count when there are more."""
     shown = ", ".join(keys[:n])
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > n else shown
+
+
+def key_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    """``missing keys: ...; unexpected keys: ...`` (the parts that are not empty)."""
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {first_keys(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {first_keys(unexpected)}")
+    return "; ".join(parts)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -180,7 +191,7 @@ def adapt_state_dict(
         else:
             bad.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(want)}")
     if bad:
-        raise WeightsError(f"{source}: tensor shapes differ from the model: {_first(bad)}")
+        raise WeightsError(f"{source}: tensor shapes differ from the model: {first_keys(bad)}")
     if resized:
         log.info("%s: resized %d position tables, e.g. %s", source, len(resized), resized[0])
     return out
@@ -213,20 +224,17 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     missing = sorted(k for k in base if k not in state)
     unexpected = sorted(k for k in state if k not in target)
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_first(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_first(unexpected)}")
         raise WeightsError(
             f"{source}: does not match the SAM layout (image_encoder.*, prompt_encoder.*, "
-            f"mask_decoder.*) of model.arch={model.cfg.arch}; " + "; ".join(parts)
+            f"mask_decoder.*) of model.arch={model.cfg.arch}; " + key_mismatch(missing, unexpected)
         )
     fitted = adapt_state_dict(state, target, source=source)
     result = model.load_state_dict(fitted, strict=False)
     left = [k for k in result.missing_keys if k in base]
     if left or result.unexpected_keys:  # cannot happen after the checks above; stay loud
-        raise WeightsError(f"{source}: incomplete load: {_first(left + result.unexpected_keys)}")
+        raise WeightsError(
+            f"{source}: incomplete load: {first_keys(left + result.unexpected_keys)}"
+        )
     peft_loaded = sorted({m for k in fitted if (m := peft_method_of(k))})
     log.info(
         "loaded %s (%d tensors%s)",

@@ -22,6 +22,7 @@ from pipeline.model.decoder import BatchedMaskDecoder
 from pipeline.model.encoder import AdaptedImageEncoder
 from pipeline.model.heads import CnnHead, LinearHead, ProgressiveUpsampler
 from pipeline.model.peft import add_peft, merge_qkv_updates
+from pipeline.model.weights import first_keys, key_mismatch
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -34,10 +35,6 @@ GROUPS = {
 MODES = ("encode", "decode", "semantic", "prompt")
 
 Points = tuple[torch.Tensor, torch.Tensor]
-
-
-def _first_keys(keys: list[str], n: int = 5) -> str:
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 class SamAdapt(nn.Module):
@@ -140,14 +137,9 @@ class SamAdapt(nn.Module):
         missing = sorted(wanted - set(state))
         unexpected = sorted(set(state) - wanted)
         if strict and (missing or unexpected):
-            parts = []
-            if missing:
-                parts.append(f"missing keys: {_first_keys(missing)}")
-            if unexpected:
-                parts.append(f"unexpected keys: {_first_keys(unexpected)}")
             raise KeyError(
                 "trainable state dict does not match the model (model.peft / model.head / "
-                "model.train_* differ?): " + "; ".join(parts)
+                "model.train_* differ?): " + key_mismatch(missing, unexpected)
             )
         params = dict(self.named_parameters())
         bad = [
@@ -156,7 +148,7 @@ class SamAdapt(nn.Module):
             if state[k].shape != params[k].shape
         ]
         if bad:
-            raise ValueError(f"trainable state dict: shapes differ: {_first_keys(bad)}")
+            raise ValueError(f"trainable state dict: shapes differ: {first_keys(bad)}")
         for key in wanted & set(state):
             params[key].copy_(state[key])
         return missing, unexpected
