@@ -103,6 +103,30 @@ def test_encoder_and_keys_match_stock_sam(tmp_path, stock128):
     assert torch.equal(ours, theirs)
 
 
+def test_unit_pixel_norm_is_samed_preprocess(tmp_path, stock128):
+    """model.pixel_norm=unit: our encoder on 0..255 pixels computes what SAMed's Sam (stock
+    modules built with pixel_mean 0 and pixel_std 1) computes on the same image scaled to [0, 1];
+    the default (sam) differs from it."""
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(stock128.state_dict(), path)
+    unit = build_model(cfg=tiny_cfg(image_size=128, checkpoint=str(path), pixel_norm="unit"))
+    meta = build_model(cfg=tiny_cfg(image_size=128, checkpoint=str(path)))
+    samed = Sam(
+        stock128.image_encoder,
+        stock128.prompt_encoder,
+        stock128.mask_decoder,
+        pixel_mean=[0.0, 0.0, 0.0],
+        pixel_std=[1.0, 1.0, 1.0],
+    ).eval()
+    x = images(2, 128)
+    with torch.no_grad():
+        ours = unit.eval().encode(x)
+        theirs = samed.image_encoder(samed.preprocess(x.float() / 255))
+        assert float((x.float() / 255).max()) <= 1.0 and torch.equal(unit._normalize(x), x / 255)
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(meta.eval().encode(x), theirs, atol=1e-3)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_padded_windows_match_stock_sam(tmp_path, fused):
     """Windows that do not tile the grid (SAM at 256 px: 16 x 16 tokens, window 14): we project

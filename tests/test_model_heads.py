@@ -128,6 +128,21 @@ def test_forward_router_matches_methods():
         assert torch.equal(auto(dict(images=x), mode="semantic"), auto.semantic(x))
 
 
+def test_semantic_low_res_is_the_decoders_grid():
+    """semantic(low_res=True) (train.loss_resolution=low_res) returns head=auto's S/4 logits, of
+    which the default output is the bilinear resize; the router passes the flag."""
+    torch.manual_seed(0)
+    model = build_model(cfg=tiny_cfg(head="auto", slices=1)).eval()
+    x = images(2)
+    with torch.no_grad():
+        low = model.semantic(x, low_res=True)
+        assert low.shape == (2, 4, S // 4, S // 4) and low.dtype == torch.float32
+        full = model.semantic(x)
+        assert full.shape == (2, 4, S, S)
+        torch.testing.assert_close(full, model.upscale(low, S))
+        assert torch.equal(model(dict(images=x, low_res=True), mode="semantic"), low)
+
+
 def test_auto_progressive_upsampling_starts_at_bilinear():
     torch.manual_seed(0)
     plain = build_model(cfg=tiny_cfg(head="auto", slices=1)).eval()

@@ -11,7 +11,15 @@ from typing import Literal
 
 from configtree import require
 
-__all__ = ["ADAPTER_INITS", "PEFT_METHODS", "SAM_ARCHS", "AdapterInit", "ModelConfig"]
+__all__ = [
+    "ADAPTER_INITS",
+    "PEFT_METHODS",
+    "PIXEL_NORMS",
+    "SAM_ARCHS",
+    "AdapterInit",
+    "ModelConfig",
+    "PixelNorm",
+]
 
 # SAM encoder shapes: arch -> (embed_dim, depth, num_heads, global_attn_indexes). Meta's values for
 # vit_b/l/h (segment_anything/build_sam.py); "tiny" is the CPU test size.
@@ -26,6 +34,10 @@ PEFT_METHODS = ("sam_med2d_adapter", "msa_adapter", "lora", "fact", "adapter3d")
 # them, or every one silent (the model starts exactly at SAM).
 AdapterInit = Literal["authors", "zero"]
 ADAPTER_INITS: tuple[str, ...] = typing.get_args(AdapterInit)
+# How 0..255 input pixels are scaled for the encoder (pipeline/model/wrapper.py): with Meta's
+# per-channel mean and std (SAM), or to [0, 1] with mean 0 and std 1 (SAMed).
+PixelNorm = Literal["sam", "unit"]
+PIXEL_NORMS: tuple[str, ...] = typing.get_args(PixelNorm)
 
 
 @dataclass
@@ -37,6 +49,10 @@ class ModelConfig:
     image_size: int = 256
     """Encoder input size; position embeddings are resized from the checkpoint's. The readers
     expect images of this side (checked against the shards' manifest.json)."""
+    pixel_norm: PixelNorm = "sam"
+    """How the encoder sees the 0..255 pixels: sam = (x - Meta's mean) / Meta's std per channel
+    (SAM's preprocess); unit = x / 255, i.e. SAMed's [0, 1] images with pixel_mean 0 and
+    pixel_std 1."""
     checkpoint: str = ""
     """Path to Meta's sam_vit_{b,l,h}_*.pth; empty = random init (tests)."""
     embed_dim: int = 0
@@ -83,7 +99,9 @@ class ModelConfig:
     """Foreground classes of prompt-free heads (auto, cnn, linear); they output num_classes + 1
     channels, channel 0 = background."""
     multimask: bool = True
-    """Default of decode(multimask=...): 3 masks + IoU predictions instead of 1."""
+    """What the promptable decoder outputs in training and validation (the default of
+    decode(multimask=...)): true = SAM's 3 masks, the one with the highest predicted IoU kept
+    (SAM-Med2D); false = its single-mask token only (MSA)."""
     progressive_upsampling: bool = False
     """MA-SAM's progressive upsampling to full resolution (head=auto)."""
     train_prompt_encoder: bool = True
@@ -129,6 +147,11 @@ class ModelConfig:
             self.adapter_init in ADAPTER_INITS,
             "adapter_init",
             f"must be one of {', '.join(ADAPTER_INITS)}, got {self.adapter_init!r}",
+        )
+        require(
+            self.pixel_norm in PIXEL_NORMS,
+            "pixel_norm",
+            f"must be one of {', '.join(PIXEL_NORMS)}, got {self.pixel_norm!r}",
         )
         require(self.image_size % 16 == 0, "image_size", "must be a multiple of 16")
         require(self.image_size >= 32, "image_size", "must be >= 32")

@@ -26,6 +26,9 @@ from pipeline.model.weights import first_keys, key_mismatch
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+# model.pixel_norm -> (mean, std) on 0..255 pixels. unit: x / 255, what SAMed's encoder sees (its
+# images are in [0, 1] and its Sam is built with pixel_mean 0, pixel_std 1).
+PIXEL_NORM = {"sam": (PIXEL_MEAN, PIXEL_STD), "unit": ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))}
 GROUPS = {
     "image_encoder": "encoder_peft",
     "prompt_encoder": "prompt_encoder",
@@ -85,8 +88,9 @@ class SamAdapt(nn.Module):
             self.head = CnnHead(outputs, in_chans=prompt_dim)
         elif cfg.head == "linear":
             self.head = LinearHead(outputs, in_chans=prompt_dim)
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), False)
+        mean, std = PIXEL_NORM[cfg.pixel_norm]
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), False)
 
         self.prompt_encoder.requires_grad_(cfg.head == "sam" and cfg.train_prompt_encoder)
         self.mask_decoder.requires_grad_(cfg.head in ("sam", "auto") and cfg.train_mask_decoder)
@@ -208,8 +212,9 @@ class SamAdapt(nn.Module):
         """Image embeddings.
 
         Arguments:
-          images (torch.Tensor): (N, 3, S, S), uint8 or float in 0..255 (RGB). For 3D inputs
-            N = B*D with the D adjacent slices of each volume consecutive.
+          images (torch.Tensor): (N, 3, S, S), uint8 or float in 0..255 (RGB), scaled as
+            ``cfg.pixel_norm`` says. For 3D inputs N = B*D with the D adjacent slices of each
+            volume consecutive.
           slices (int or None): D; None = ``cfg.slices``.
 
         Returns:
@@ -295,15 +300,20 @@ class SamAdapt(nn.Module):
         chosen = slice(1, None) if multimask else slice(0, 1)
         return masks[:, chosen].float(), iou[:, chosen].float()
 
-    def semantic(self, images: torch.Tensor, slices: int | None = None) -> torch.Tensor:
+    def semantic(
+        self, images: torch.Tensor, slices: int | None = None, *, low_res: bool = False
+    ) -> torch.Tensor:
         """Prompt-free multi-class logits from the auto / cnn / linear head.
 
         Arguments:
           images (torch.Tensor): (N, 3, S, S) uint8 or float 0..255 (N = B*D for 3D inputs).
           slices (int or None): D; None = ``cfg.slices``.
+          low_res (bool): return the head's own output grid, before the resize to S (head=auto:
+            the decoder's S/4, where SAMed takes its loss).
 
         Returns:
-          torch.Tensor: (N, num_classes + 1, S, S) float32 logits, channel 0 = background.
+          torch.Tensor: (N, num_classes + 1, S, S) float32 logits, channel 0 = background
+          ((N, num_classes + 1, h, w) with ``low_res``).
         """
         if self.cfg.head == "sam":
             raise ValueError(
@@ -328,6 +338,8 @@ class SamAdapt(nn.Module):
                 logits = self.head(emb, x)
             else:
                 logits = self.head(emb)
+        if low_res:
+            return logits.float()
         return self.upscale(logits, self.cfg.image_size)
 
     @staticmethod
@@ -354,14 +366,16 @@ class SamAdapt(nn.Module):
             encode:   images, slices (optional)                     -> embeddings
             decode:   embeddings, image_index, points | point_coords + point_labels, boxes,
                       mask_inputs, multimask (all but embeddings optional) -> (logits, iou)
-            semantic: images, slices (optional)                     -> logits (N, C+1, S, S)
+            semantic: images, slices, low_res (both optional)       -> logits (N, C+1, S, S)
             prompt:   images + the decode keys (encode then decode) -> (logits, iou, embeddings)
           mode (str): one of encode, decode, semantic, prompt.
         """
         if mode == "encode":
             return self.encode(batch["images"], slices=batch.get("slices"))
         if mode == "semantic":
-            return self.semantic(batch["images"], slices=batch.get("slices"))
+            return self.semantic(
+                batch["images"], slices=batch.get("slices"), low_res=bool(batch.get("low_res"))
+            )
         if mode == "decode":
             return self.decode(batch["embeddings"], **self._prompts(batch))
         if mode == "prompt":
