@@ -26,10 +26,12 @@ from pipeline.model.config import ModelConfig
 
 __all__ = [
     "BOX_FROM",
+    "LOSS_RESOLUTIONS",
     "AugmentConfig",
     "BoxFrom",
     "DataConfig",
     "EvalConfig",
+    "LossResolution",
     "PipelineConfig",
     "TrackingConfig",
     "TrainConfig",
@@ -40,6 +42,10 @@ __all__ = [
 # component (SAM-Med2D) or all of them.
 BoxFrom = Literal["largest_component", "whole_mask"]
 BOX_FROM: tuple[str, ...] = typing.get_args(BoxFrom)
+# Where the training loss compares prediction and truth (pipeline/steps.py): at the input size
+# (the logits resized up) or on the decoder's low-resolution grid, S/4 (the truth resized down).
+LossResolution = Literal["input", "low_res"]
+LOSS_RESOLUTIONS: tuple[str, ...] = typing.get_args(LossResolution)
 
 
 @dataclass
@@ -127,6 +133,10 @@ class TrainConfig:
     """Final learning rate of the cosine / poly decay, as a fraction of lr."""
     poly_power: float = 0.9
     """Exponent of the poly decay (SAMed: 0.9)."""
+    decay_steps: int = 0
+    """Length of the cosine / poly decay, counted from the end of warm-up (0 = steps -
+    warmup_steps: it ends at the last step). Longer than the run, training stops before the
+    decay ends (SAMed decays over 200 epochs and stops after 160)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value (0 = off)."""
     grad_accum: int = 1
@@ -166,6 +176,12 @@ class TrainConfig:
     """Sum the n step losses into one update (SAM-Med3D) instead of n optimizer steps."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The interactive loss (train.mode=interactive), by name with its options."""
+    loss_resolution: LossResolution = "input"
+    """Where the loss is taken, in both modes: input = the decoder's logits resized
+    (bilinear) to the input size, against the full-size truth; low_res = on the decoder's own
+    S/4 grid, against the truth resized to it (nearest, pixel centres): SAMed's low_res_logits
+    vs low_res_label, MSA's out_size 256 at a 1024 input. Needs model.head=sam, or auto without
+    progressive_upsampling."""
     # -- prompt-free training (SAMed: 0.2 CE + 0.8 Dice) ---------------------------------------
     ce_weight: float = 0.2
     semantic_dice_weight: float = 0.8
@@ -196,6 +212,12 @@ class TrainConfig:
         )
         fraction(self.min_lr_ratio, "min_lr_ratio")
         require(self.poly_power > 0, "poly_power", "must be > 0")
+        require(self.decay_steps >= 0, "decay_steps", "must be >= 0 (0 = steps - warmup_steps)")
+        require(
+            self.loss_resolution in LOSS_RESOLUTIONS,
+            "loss_resolution",
+            f"must be one of {', '.join(LOSS_RESOLUTIONS)}, got {self.loss_resolution!r}",
+        )
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
         require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
@@ -315,6 +337,15 @@ class PipelineConfig:
             "train.grad_accum",
             f"={self.train.grad_accum}: each interaction step is its own optimizer step; "
             "accumulate with train.sum_interaction_losses=true or use a larger batch",
+        )
+        require(
+            self.train.loss_resolution == "input"
+            or (head in ("sam", "auto") and not self.model.progressive_upsampling),
+            "train.loss_resolution",
+            f"=low_res is the S/4 grid of SAM's decoder (model.head=sam, or auto without "
+            f"progressive_upsampling), but model.head={head}"
+            f"{' with progressive_upsampling' if self.model.progressive_upsampling else ''} "
+            "predicts at the input size: use train.loss_resolution=input",
         )
         require(
             not self.data.volumes or mode == "semantic",

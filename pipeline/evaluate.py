@@ -1,7 +1,8 @@
 """Validation during training: Dice and IoU per mask (promptable) or per class (semantic).
 
 Promptable models are scored the way SAM-Med2D reports them: one box prompt, and one point
-prompt, per ground-truth mask, no interaction; the mask with the highest predicted IoU is kept.
+prompt, per ground-truth mask, no interaction; with ``model.multimask`` the mask with the highest
+predicted IoU is kept.
 Sums are all-reduced, so every rank returns the same figures over the whole split.
 """
 
@@ -167,11 +168,8 @@ def validate_interactive(
         for j, dice in enumerate(baseline_dice(p["boxes"], p["target"]).values()):
             trivial[j] += dice[valid].sum().double().cpu()
         for i, kind in enumerate(prompts):
-            inputs: dict[str, Any] = {
-                "embeddings": embeddings,
-                "image_index": p["image_index"],
-                "multimask": True,
-            }
+            # the decoder outputs what model.multimask says: 3 masks (the best-scored kept) or 1
+            inputs: dict[str, Any] = {"embeddings": embeddings, "image_index": p["image_index"]}
             if kind == "box":
                 inputs["boxes"] = p["boxes"]
             else:

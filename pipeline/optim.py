@@ -117,14 +117,15 @@ def lr_factor(step: int, *, train: TrainConfig) -> float:
     """Multiplier of the peak learning rate at a training step (0-based, counted in batches).
 
     Linear warm-up ``(step + 1) / warmup_steps`` (SAMed), then constant, cosine or poly
-    ``(1 - t) ** poly_power`` decay from 1 to ``min_lr_ratio`` over the remaining steps.
+    ``(1 - t) ** poly_power`` decay from 1 to ``min_lr_ratio`` over ``decay_steps`` (default:
+    the remaining steps; SAMed's is longer than its run, which stops part-way down).
     """
     warm = train.warmup_steps
     if warm and step < warm:
         return (step + 1) / warm
     if train.schedule == "constant":
         return 1.0
-    span = max(1, train.steps - warm)
+    span = max(1, train.decay_steps or train.steps - warm)
     t = min(1.0, max(0.0, (step - warm) / span))
     floor = train.min_lr_ratio
     if train.schedule == "cosine":

@@ -10,8 +10,9 @@ line in the reference), every deviation a config option:
   only the mask decoder is updated; each re-prompts with k clicks from the current error region
   (k from {1, 3, 5, 9}, once per step) plus the previous low-resolution mask (sigmoid
   probabilities by default); one random step and the last step are mask-only;
-* multimask output; the loss is taken on the mask with the highest predicted IoU:
-  20 focal + dice + MSE(IoU prediction, IoU);
+* multimask output (``model.multimask``; MSA: one mask); the loss is taken on the mask with the
+  highest predicted IoU: 20 focal + dice + MSE(IoU prediction, IoU), at the input size
+  (``train.loss_resolution``; MSA: on the decoder's S/4 grid);
 * each step is its own optimizer step, or, with ``train.sum_interaction_losses``, the losses are
   summed into one update (SAM-Med3D).
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import TrainConfig
 from pipeline.interact import StepPlan, mask_prompt, plan_interaction, sample_clicks
@@ -34,6 +36,25 @@ from pipeline.losses import InteractiveLoss, build_interactive_loss, ce_dice_los
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     keys = ("image", "masks", "boxes", "point_coords", "point_labels", "label")
     return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+
+
+def to_low_res(truth: torch.Tensor, size: int) -> torch.Tensor:
+    """Masks or label maps resized down to the decoder's grid (``train.loss_resolution=low_res``).
+
+    Nearest neighbour at pixel centres, so labels stay labels (SAMed makes its low_res_label with
+    scipy's zoom, order 0).
+
+    Arguments:
+      truth (torch.Tensor): (P, 1, S, S) float 0/1 masks or (N, S, S) int64 label maps.
+      size (int): the side of the low-resolution grid (S / 4).
+
+    Returns:
+      torch.Tensor: the same kind, (P, 1, size, size) or (N, size, size).
+    """
+    if truth.dim() == 3:
+        small = F.interpolate(truth[:, None].float(), (size, size), mode="nearest-exact")
+        return small[:, 0].to(truth.dtype)
+    return F.interpolate(truth.float(), (size, size), mode="nearest-exact").to(truth.dtype)
 
 
 def prompts_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -61,13 +82,20 @@ class _Turn:
 
 
 def _score(
-    logits: torch.Tensor, iou: torch.Tensor, target: torch.Tensor, loss_fn: InteractiveLoss
+    logits: torch.Tensor,
+    iou: torch.Tensor,
+    p: dict[str, torch.Tensor],
+    loss_fn: InteractiveLoss,
 ) -> _Turn:
+    """Select the best mask and take the loss: at the input size against ``p["target"]``, or,
+    when ``p`` holds ``low_target`` (``train.loss_resolution=low_res``), on the decoder's grid."""
+    target = p["target"]
     best_low, best_iou, _ = select_best(logits, iou)
-    full = torch.nn.functional.interpolate(
-        best_low, target.shape[-2:], mode="bilinear", align_corners=False
-    )
-    loss, parts = loss_fn(full, target, best_iou)
+    full = F.interpolate(best_low, target.shape[-2:], mode="bilinear", align_corners=False)
+    if "low_target" in p:
+        loss, parts = loss_fn(best_low, p["low_target"], best_iou)
+    else:
+        loss, parts = loss_fn(full, target, best_iou)
     return _Turn(loss=loss, parts=parts, low=best_low, full=full)
 
 
@@ -83,13 +111,14 @@ def _first_turn(
     Returns:
       The step's result and the image embeddings (still in the graph).
     """
-    inputs: dict[str, Any] = {"images": image, "image_index": p["image_index"], "multimask": True}
+    # No "multimask" key: the decoder outputs what model.multimask says (3 masks or 1).
+    inputs: dict[str, Any] = {"images": image, "image_index": p["image_index"]}
     if first.uses_box:
         inputs["boxes"] = p["boxes"]
     else:
         inputs["points"] = (p["point_coords"][:, :1], p["point_labels"][:, :1])
     logits, iou, embeddings = engine(inputs, "prompt")
-    return _score(logits, iou, p["target"], loss_fn), embeddings
+    return _score(logits, iou, p, loss_fn), embeddings
 
 
 def _next_turn(
@@ -108,7 +137,6 @@ def _next_turn(
     inputs: dict[str, Any] = {
         "embeddings": embeddings,
         "image_index": p["image_index"],
-        "multimask": True,
         "frozen_prompt_encoder": True,
         "mask_inputs": mask_prompt(prev.low, as_probs=train.mask_prompt_as_probs),
     }
@@ -117,7 +145,7 @@ def _next_turn(
             prev.full.detach(), p["target"], k=plan.clicks, generator=click_generator
         )
     logits, iou = engine(inputs, "decode")
-    turn = _score(logits, iou, p["target"], loss_fn)
+    turn = _score(logits, iou, p, loss_fn)
     turn.low, turn.full = turn.low.detach(), turn.full.detach()
     return turn
 
@@ -177,6 +205,8 @@ def interactive_step(
         loss_fn = build_loss(train)
     data = _to(batch, engine.device)
     p = prompts_of(data)
+    if train.loss_resolution == "low_res":
+        p["low_target"] = to_low_res(p["target"], p["target"].shape[-1] // 4)
     plan = plan_interaction(
         train.interaction_steps,
         generator=plan_generator,
@@ -224,7 +254,9 @@ def semantic_step(
     phases: tuple[str, ...],
     slices: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """One prompt-free step (SAMed / MA-SAM / AutoSAM): CE + Dice on the multi-class logits.
+    """One prompt-free step (SAMed / MA-SAM / AutoSAM): CE + Dice on the multi-class logits, at
+    the input size or, with ``train.loss_resolution=low_res``, on the head's low-resolution
+    logits against the label resized to them (SAMed).
 
     Arguments:
       batch: image (N, 3, S, S) uint8 and label (N, S, S) int64 (N = B*D for D-slice stacks).
@@ -233,9 +265,13 @@ def semantic_step(
       Detached device tensors ``loss``, ``ce``, ``dice``.
     """
     data = _to(batch, engine.device)
-    logits = engine({"images": data["image"], "slices": slices}, "semantic")
+    low_res = train.loss_resolution == "low_res"
+    logits = engine({"images": data["image"], "slices": slices, "low_res": low_res}, "semantic")
+    label = data["label"]
+    if low_res:
+        label = to_low_res(label, logits.shape[-1])
     loss, parts = ce_dice_loss(
-        logits, data["label"], ce_weight=train.ce_weight, dice_weight=train.semantic_dice_weight
+        logits, label, ce_weight=train.ce_weight, dice_weight=train.semantic_dice_weight
     )
     engine.backward(loss)
     engine.step(phases, step=step)
