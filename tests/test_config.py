@@ -24,7 +24,8 @@ def test_every_preset_loads(path):
 def test_presets_derive_not_copy():
     derived = load_config(CONFIGS[0].parent / "msa.yaml")
     assert derived.model.peft == ["msa_adapter"]
-    assert derived.train.interaction_steps == 9  # from sam_med2d.yaml
+    assert derived.train.log_every == 50 and derived.train.mode == "interactive"  # sam_med2d.yaml
+    assert derived.train.interaction_steps == 1  # its own value over sam_med2d.yaml's 9
 
 
 def test_overrides_and_yaml_values():
@@ -76,11 +77,21 @@ def test_round_trip(tmp_path):
         ("model.slices=0", "command line: model.slices must be >= 1"),
         ("model.adapter_init=ones", "command line: model.adapter_init must be one of"),
         ("data.box_from=box", "command line: data.box_from must be one of"),
+        ("model.pixel_norm=imagenet", "command line: model.pixel_norm must be one of"),
+        ("model.multimask=maybe", "command line: model.multimask must be"),
+        ("train.loss_resolution=half", "command line: train.loss_resolution must be one of"),
+        ("train.decay_steps=-1", "command line: train.decay_steps must be >= 0"),
+        ("train.loss.dice_weight=-1", "command line: train.loss.dice_weight must be >= 0"),
+        (
+            ("train.loss.bce_weight=0", "train.loss.dice_weight=0", "train.loss.iou_weight=0"),
+            "command line: train.loss.bce_weight all term weights (bce_weight, dice_weight, iou",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(CONFIGS[0].parent / "debug.yaml", [override])
+        overrides = [override] if isinstance(override, str) else list(override)
+        load_config(CONFIGS[0].parent / "debug.yaml", overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -115,8 +126,27 @@ def test_error_names_the_file(tmp_path):
             "train.mode=semantic",
         ],
         ["model.head=cnn", "train.mode=semantic"],
+        # MSA's and SAMed's switches
+        [
+            "model.multimask=false",
+            "model.train_prompt_encoder=false",
+            "train.interaction_steps=1",
+            "train.first_prompt_box_prob=0",
+            "train.loss_resolution=low_res",
+            "train.loss.bce_weight=1",
+            "train.loss.dice_weight=0",
+            "train.loss.iou_weight=0",
+            "train.loss.pos_weight=2",
+        ],
+        [
+            "model.head=auto",
+            "train.mode=semantic",
+            "train.loss_resolution=low_res",
+            "model.pixel_norm=unit",
+            "train.decay_steps=100",
+        ],
     ],
-    ids=["eval", "eval-box", "launch", "stack", "semantic"],
+    ids=["eval", "eval-box", "launch", "stack", "semantic", "msa", "samed"],
 )
 def test_edge_values_load(overrides):
     """The values that mean "all" / "none" / "default" stay valid."""
@@ -145,8 +175,22 @@ COMBINATIONS = [
         ["data.volumes=v.zarr"],
         "command line: data.volumes (3D slice stacks) feeds prompt-free training",
     ),
+    (
+        ["model.head=cnn", "train.mode=semantic", "train.loss_resolution=low_res"],
+        "command line: train.loss_resolution=low_res is the S/4 grid of SAM's decoder (model.head"
+        "=sam, or auto without progressive_upsampling), but model.head=cnn predicts at the input",
+    ),
+    (
+        [
+            "model.head=auto",
+            "model.progressive_upsampling=true",
+            "train.mode=semantic",
+            "train.loss_resolution=low_res",
+        ],
+        "but model.head=auto with progressive_upsampling predicts at the input size",
+    ),
 ]
-COMBINATION_IDS = ["head", "mode", "clicks", "accum", "volumes"]
+COMBINATION_IDS = ["head", "mode", "clicks", "accum", "volumes", "low-res-cnn", "low-res-up"]
 
 
 @pytest.mark.parametrize("overrides, message", COMBINATIONS, ids=COMBINATION_IDS)
@@ -217,13 +261,15 @@ def test_sections_build_on_their_own():
 def test_prompt_and_init_rules_checked_without_the_loader():
     """Built in code (not from YAML), the sections still refuse a bad value, naming the key."""
     from configtree import FieldError
-    from pipeline.config import DataConfig
+    from pipeline.config import DataConfig, TrainConfig
     from pipeline.model.config import ModelConfig
 
     assert DataConfig().box_from == "largest_component" and ModelConfig().adapter_init == "authors"
     cases = [
         (DataConfig, "box_from", "whole", "must be one of largest_component, whole_mask"),
         (ModelConfig, "adapter_init", "ones", "must be one of authors, zero"),
+        (ModelConfig, "pixel_norm", "imagenet", "must be one of sam, unit"),
+        (TrainConfig, "loss_resolution", "half", "must be one of input, low_res"),
     ]
     for section, key, value, message in cases:
         with pytest.raises(FieldError, match=f"^{message}, got '{value}'$") as err:
