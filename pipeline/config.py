@@ -185,6 +185,11 @@ class TrainConfig:
     # -- prompt-free training (SAMed: 0.2 CE + 0.8 Dice) ---------------------------------------
     ce_weight: float = 0.2
     semantic_dice_weight: float = 0.8
+    semantic_dice_background: bool = True
+    """Class 0 (background) in the mean of the per-class Dice terms (SAMed, MA-SAM); false =
+    foreground classes only (AutoSAM's do_bg=False)."""
+    semantic_dice_smooth: float = 1e-5
+    """Smoothing of each class's Dice (SAMed, MA-SAM: 1e-5; AutoSAM: 1)."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", "must be >= 1")
@@ -194,7 +199,7 @@ class TrainConfig:
             "click_choices",
             f"must be a non-empty list of click counts >= 1, got {self.click_choices}",
         )
-        for key in ("ce_weight", "semantic_dice_weight"):
+        for key in ("ce_weight", "semantic_dice_weight", "semantic_dice_smooth"):
             require(getattr(self, key) >= 0, key, "must be >= 0")
         require(self.interaction_steps >= 1, "interaction_steps", "must be >= 1")
         require(self.lr > 0, "lr", "must be > 0")

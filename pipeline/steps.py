@@ -271,7 +271,12 @@ def semantic_step(
     if low_res:
         label = to_low_res(label, logits.shape[-1])
     loss, parts = ce_dice_loss(
-        logits, label, ce_weight=train.ce_weight, dice_weight=train.semantic_dice_weight
+        logits,
+        label,
+        ce_weight=train.ce_weight,
+        dice_weight=train.semantic_dice_weight,
+        smooth=train.semantic_dice_smooth,
+        ignore_background_in_dice=not train.semantic_dice_background,
     )
     engine.backward(loss)
     engine.step(phases, step=step)

@@ -81,6 +81,7 @@ def test_round_trip(tmp_path):
         ("model.multimask=maybe", "command line: model.multimask must be"),
         ("train.loss_resolution=half", "command line: train.loss_resolution must be one of"),
         ("train.decay_steps=-1", "command line: train.decay_steps must be >= 0"),
+        ("train.semantic_dice_smooth=-1", "command line: train.semantic_dice_smooth must be >= 0"),
         ("train.loss.dice_weight=-1", "command line: train.loss.dice_weight must be >= 0"),
         (
             ("train.loss.bce_weight=0", "train.loss.dice_weight=0", "train.loss.iou_weight=0"),
