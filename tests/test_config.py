@@ -87,6 +87,22 @@ def test_round_trip(tmp_path):
             ("train.loss.bce_weight=0", "train.loss.dice_weight=0", "train.loss.iou_weight=0"),
             "command line: train.loss.bce_weight all term weights (bce_weight, dice_weight, iou",
         ),
+        ("model.head_decode=pairwise", "command line: model.head_decode must be one of"),
+        ("model.class_token_init=zeros", "command line: model.class_token_init must be one of"),
+        (
+            "model.encoder_input_size=1000",
+            "command line: model.encoder_input_size must be 0 (= image_size) or a multiple of 16",
+        ),
+        # options of the prompt-free heads, on debug.yaml's promptable head
+        ("model.head_decode=per_class", "model.head_decode=per_class is an option of head=auto"),
+        (
+            "model.class_token_init=random",
+            "model.class_token_init=random is an option of head=auto",
+        ),
+        (
+            "model.encoder_input_size=1024",
+            "model.encoder_input_size is an option of the prompt-free heads (auto, cnn, linear)",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -271,6 +287,8 @@ def test_prompt_and_init_rules_checked_without_the_loader():
         (ModelConfig, "adapter_init", "ones", "must be one of authors, zero"),
         (ModelConfig, "pixel_norm", "imagenet", "must be one of sam, unit"),
         (TrainConfig, "loss_resolution", "half", "must be one of input, low_res"),
+        (ModelConfig, "head_decode", "pairwise", "must be one of joint, per_class"),
+        (ModelConfig, "class_token_init", "zeros", "must be one of sam, random"),
     ]
     for section, key, value, message in cases:
         with pytest.raises(FieldError, match=f"^{message}, got '{value}'$") as err:

@@ -328,17 +328,32 @@ def test_sam_med2d_adapter_keys_load(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
+@pytest.mark.parametrize("init", ["sam", "random"])
 @pytest.mark.parametrize("num_classes", [1, 5])
-def test_auto_head_maps_sam_mask_tokens(tmp_path, stock128, num_classes):
+def test_auto_head_maps_sam_mask_tokens(tmp_path, stock128, num_classes, init):
+    """class_token_init=sam (the default): class token i starts as SAM's mask token i mod 4;
+    random: the class tokens keep the model's fresh init, everything else is SAM's."""
     path = tmp_path / "sam.pth"
     torch.save(stock128.state_dict(), path)
-    cfg = tiny_cfg(image_size=128, head="auto", num_classes=num_classes, checkpoint=str(path))
+    cfg = tiny_cfg(
+        image_size=128,
+        head="auto",
+        num_classes=num_classes,
+        checkpoint=str(path),
+        class_token_init=init,
+    )
+    torch.manual_seed(3)
     model = build_model(cfg=cfg)
+    torch.manual_seed(3)
+    fresh = build_model(cfg=dataclasses.replace(cfg, checkpoint="")).mask_decoder.mask_tokens
     ref = stock128.mask_decoder
     dec = model.mask_decoder
     assert dec.num_mask_tokens == num_classes + 1
+    if init == "random":
+        assert torch.equal(dec.mask_tokens.weight, fresh.weight)
     for i in range(num_classes + 1):
-        assert torch.equal(dec.mask_tokens.weight[i], ref.mask_tokens.weight[i % 4])
+        sam_token = ref.mask_tokens.weight[i % 4]
+        assert torch.equal(dec.mask_tokens.weight[i], sam_token) == (init == "sam")
         for a, b in zip(
             dec.output_hypernetworks_mlps[i].parameters(),
             ref.output_hypernetworks_mlps[i % 4].parameters(),

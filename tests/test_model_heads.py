@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from pipeline.model import build_model
 from pipeline.model.config import ModelConfig
+from pipeline.model.decoder import BatchedMaskDecoder
 
 TINY = dict(arch="tiny", embed_dim=64, depth=2, num_heads=2, global_attn_indexes=[1])
 METHODS = ["sam_med2d_adapter", "msa_adapter", "lora", "fact", "adapter3d"]
@@ -193,3 +194,104 @@ def test_auto_progressive_upsampling_backward():
     for name, p in upsampler.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     check_gradients(model)
+
+
+def _low_res(model, x, per_class: bool) -> torch.Tensor:
+    """head=auto's decoder logits before the resize to the input size."""
+    emb = model.encode(x)
+    sparse, dense = model.prompt_encoder(None, None, None)
+    logits, iou = model.mask_decoder(
+        emb,
+        model.prompt_encoder.get_dense_pe(),
+        sparse.expand(emb.shape[0], -1, -1),
+        dense,
+        per_class=per_class,
+    )
+    assert iou.shape == logits.shape[:2]
+    return logits
+
+
+def test_auto_per_class_decodes_each_class_alone():
+    """head_decode=per_class: class k's logits are what a decoder holding only class k's token
+    (and its hypernetwork MLP) computes, so the other class tokens do not touch them; joint
+    decoding (one pass, the tokens attend to each other) differs."""
+    torch.manual_seed(0)
+    model = build_model(cfg=tiny_cfg(head="auto", slices=1, head_decode="per_class")).eval()
+    x = images(2)
+    k = model.mask_decoder.num_mask_tokens
+    with torch.no_grad():
+        logits = model.semantic(x)
+        assert logits.shape == (2, 4, S, S) and logits.dtype == torch.float32
+        per_class = _low_res(model, x, per_class=True)
+        joint = _low_res(model, x, per_class=False)
+        assert per_class.shape == joint.shape == (2, k, S // 4, S // 4)
+        assert not torch.allclose(per_class, joint, atol=1e-3)
+        torch.testing.assert_close(logits, model.upscale(per_class, S))
+
+        emb = model.encode(x)
+        sparse, dense = model.prompt_encoder(None, None, None)
+        state = model.mask_decoder.state_dict()
+        for c in range(k):
+            alone = BatchedMaskDecoder(num_mask_tokens=1, transformer_dim=model.cfg.prompt_dim)
+            mine = {
+                n: v
+                for n, v in state.items()
+                if not n.startswith(("mask_tokens", "output_hypernetworks_mlps", "iou_prediction"))
+            }
+            mine["mask_tokens.weight"] = state["mask_tokens.weight"][c : c + 1]
+            prefix = f"output_hypernetworks_mlps.{c}."
+            mine |= {
+                "output_hypernetworks_mlps.0." + n[len(prefix) :]: v
+                for n, v in state.items()
+                if n.startswith(prefix)
+            }
+            missing, unexpected = alone.load_state_dict(mine, strict=False)
+            assert not unexpected and all(n.startswith("iou_prediction") for n in missing)
+            one, _ = alone(
+                emb, model.prompt_encoder.get_dense_pe(), sparse.expand(2, -1, -1), dense,
+                with_iou=False,
+            )  # fmt: skip
+            torch.testing.assert_close(per_class[:, c : c + 1], one, atol=1e-5, rtol=1e-5)
+
+        # a change of one class token moves that class's logits only (joint: all of them)
+        model.mask_decoder.mask_tokens.weight[1] += 1.0
+        moved = _low_res(model, x, per_class=True)
+        moved_joint = _low_res(model, x, per_class=False)
+    others = [0, 2, 3]
+    torch.testing.assert_close(moved[:, others], per_class[:, others], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(moved[:, 1], per_class[:, 1], atol=1e-3)
+    assert not torch.allclose(moved_joint[:, others], joint[:, others], atol=1e-3)
+
+
+def test_auto_per_class_backward_with_progressive_upsampling():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(head="auto", head_decode="per_class", progressive_upsampling=True)
+    model = build_model(cfg=cfg).train()
+    logits = model.semantic(images(2 * D))
+    assert logits.shape == (2 * D, 4, S, S)
+    F.cross_entropy(logits, torch.randint(0, 4, (2 * D, S, S))).backward()
+    check_gradients(model)
+    assert model.mask_decoder.mask_tokens.weight.grad.abs().sum(1).gt(0).all()  # every class
+
+
+@pytest.mark.parametrize("head", ["auto", "cnn", "linear"])
+def test_encoder_input_size_upsamples_the_input(head):
+    """model.encoder_input_size=2S: the encoder sees the images bilinearly resized to 2S (as a
+    model built for 2S fed the resized images), and the logits come back at S."""
+    torch.manual_seed(0)
+    small = build_model(cfg=tiny_cfg(head=head, slices=1, encoder_input_size=2 * S)).eval()
+    big = build_model(cfg=tiny_cfg(head=head, slices=1, image_size=2 * S)).eval()
+    big.load_state_dict(small.state_dict())
+    seen = []
+    small.image_encoder.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    x = images(2)
+    resized = F.interpolate(x.float(), (2 * S, 2 * S), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        assert small.encode(x).shape == (2, 256, 2 * S // 16, 2 * S // 16)
+        logits = small.semantic(x)
+        ref = F.interpolate(big.semantic(resized), (S, S), mode="bilinear", align_corners=False)
+    assert seen == [(2, 3, 2 * S, 2 * S)] * 2
+    assert logits.shape == (2, 4, S, S)
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"images must be \(N, 3, 64, 64\)"):
+        small.semantic(resized)  # the input is still model.image_size

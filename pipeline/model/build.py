@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def build_model(*, cfg: ModelConfig, load_checkpoint: bool = True) -> SamAdapt:
-    """Build SAM at ``cfg.image_size`` with the configured PEFT methods and head.
+    """Build SAM at ``cfg.encoder_size`` with the configured PEFT methods and head.
 
     Loads ``cfg.checkpoint`` (Meta's SAM weights, resized to the input size) unless it is empty or
     ``load_checkpoint`` is False; empty means random base weights (tests, ``model-info``). Then
@@ -37,9 +37,10 @@ def build_model(*, cfg: ModelConfig, load_checkpoint: bool = True) -> SamAdapt:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log.info(
-        "model %s @ %d px, peft=%s, head=%s: %.2fM trainable of %.2fM parameters",
+        "model %s @ %d px (encoder %d px), peft=%s, head=%s: %.2fM trainable of %.2fM parameters",
         cfg.arch,
         cfg.image_size,
+        cfg.encoder_size,
         cfg.peft,
         cfg.head,
         n_train / 1e6,

@@ -13,10 +13,14 @@ from configtree import require
 
 __all__ = [
     "ADAPTER_INITS",
+    "CLASS_TOKEN_INITS",
+    "HEAD_DECODES",
     "PEFT_METHODS",
     "PIXEL_NORMS",
     "SAM_ARCHS",
     "AdapterInit",
+    "ClassTokenInit",
+    "HeadDecode",
     "ModelConfig",
     "PixelNorm",
 ]
@@ -38,6 +42,11 @@ ADAPTER_INITS: tuple[str, ...] = typing.get_args(AdapterInit)
 # per-channel mean and std (SAM), or to [0, 1] with mean 0 and std 1 (SAMed).
 PixelNorm = Literal["sam", "unit"]
 PIXEL_NORMS: tuple[str, ...] = typing.get_args(PixelNorm)
+# How head=auto decodes its classes, and where its class tokens start (see the fields).
+HeadDecode = Literal["joint", "per_class"]
+HEAD_DECODES: tuple[str, ...] = typing.get_args(HeadDecode)
+ClassTokenInit = Literal["sam", "random"]
+CLASS_TOKEN_INITS: tuple[str, ...] = typing.get_args(ClassTokenInit)
 
 
 @dataclass
@@ -47,8 +56,13 @@ class ModelConfig:
     arch: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b"
     """Encoder size: Meta's vit_b / vit_l / vit_h, or tiny (depth 2, width 64) for tests."""
     image_size: int = 256
-    """Encoder input size; position embeddings are resized from the checkpoint's. The readers
-    expect images of this side (checked against the shards' manifest.json)."""
+    """Input size: the side of the images and label maps the readers give (checked against the
+    shards' manifest.json), of the logits, and of the encoder unless encoder_input_size is set;
+    position embeddings are resized from the checkpoint's to the encoder's size."""
+    encoder_input_size: int = 0
+    """Prompt-free heads: the side the images are bilinearly resized to before the encoder
+    (AutoSAM: 1024, from 224 px ACDC slices); the logits are resized back to image_size.
+    0 = image_size (no resize)."""
     pixel_norm: PixelNorm = "sam"
     """How the encoder sees the 0..255 pixels: sam = (x - Meta's mean) / Meta's std per channel
     (SAM's preprocess); unit = x / 255, i.e. SAMed's [0, 1] images with pixel_mean 0 and
@@ -98,6 +112,17 @@ class ModelConfig:
     num_classes: int = 1
     """Foreground classes of prompt-free heads (auto, cnn, linear); they output num_classes + 1
     channels, channel 0 = background."""
+    head_decode: HeadDecode = "joint"
+    """head=auto: joint = one decoder pass per image with every class token in it (the class
+    tokens attend to each other, as SAM's 4 mask tokens do); per_class = one pass per image and
+    class, each with SAM's IoU token and that class's token only, so classes are decoded
+    independently (AutoSAM). Either way the class logits meet in one softmax (the loss)."""
+    class_token_init: ClassTokenInit = "sam"
+    """head=auto, when model.checkpoint is loaded: sam = class token c starts as SAM's mask token
+    c mod 4 (background <- SAM's single-mask token 0, classes 1-3 <- its multimask tokens 1-3,
+    class 4 <- token 0 again...); random = the class tokens keep their fresh N(0, 1) init
+    (AutoSAM and MA-SAM load no mask token). The hypernetwork MLPs are SAM's (MLP c <- MLP c mod
+    4) either way. Without a checkpoint every weight is random."""
     multimask: bool = True
     """What the promptable decoder outputs in training and validation (the default of
     decode(multimask=...)): true = SAM's 3 masks, the one with the highest predicted IoU kept
@@ -129,6 +154,11 @@ class ModelConfig:
             glob = tuple(self.global_attn_indexes)
         return (self.embed_dim or dim, self.depth or depth, self.num_heads or heads, glob)
 
+    @property
+    def encoder_size(self) -> int:
+        """The side of the encoder's input (encoder_input_size, else image_size)."""
+        return self.encoder_input_size or self.image_size
+
     def blocks_for(self, method: str) -> list[int]:
         """Encoder blocks that get ``method`` (sorted)."""
         depth = self.encoder_spec()[1]
@@ -155,6 +185,19 @@ class ModelConfig:
         )
         require(self.image_size % 16 == 0, "image_size", "must be a multiple of 16")
         require(self.image_size >= 32, "image_size", "must be >= 32")
+        if self.encoder_input_size:
+            require(
+                self.encoder_input_size % 16 == 0 and self.encoder_input_size >= 32,
+                "encoder_input_size",
+                f"must be 0 (= image_size) or a multiple of 16 >= 32, got "
+                f"{self.encoder_input_size}",
+            )
+            require(
+                self.head != "sam",
+                "encoder_input_size",
+                "is an option of the prompt-free heads (auto, cnn, linear): head=sam takes its "
+                "prompts in model.image_size pixels",
+            )
         for key in ("embed_dim", "depth", "num_heads"):
             require(getattr(self, key) >= 0, key, "must be >= 0 (0 = from arch)")
         dim, depth, heads, glob = self.encoder_spec()
@@ -202,5 +245,25 @@ class ModelConfig:
             not self.progressive_upsampling or self.head == "auto",
             "progressive_upsampling",
             f"is an option of head=auto (head is {self.head!r})",
+        )
+        require(
+            self.head_decode in HEAD_DECODES,
+            "head_decode",
+            f"must be one of {', '.join(HEAD_DECODES)}, got {self.head_decode!r}",
+        )
+        require(
+            self.head_decode == "joint" or self.head == "auto",
+            "head_decode",
+            f"={self.head_decode} is an option of head=auto (head is {self.head!r})",
+        )
+        require(
+            self.class_token_init in CLASS_TOKEN_INITS,
+            "class_token_init",
+            f"must be one of {', '.join(CLASS_TOKEN_INITS)}, got {self.class_token_init!r}",
+        )
+        require(
+            self.class_token_init == "sam" or self.head == "auto",
+            "class_token_init",
+            f"={self.class_token_init} is an option of head=auto (head is {self.head!r})",
         )
         require(bool(self.compile_backend), "compile_backend", "must not be empty")

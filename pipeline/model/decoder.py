@@ -5,6 +5,11 @@ over the prompts. ``BatchedMaskDecoder`` (a ``MaskDecoder``: same constructor, s
 keys) takes the embeddings of a whole batch plus ``image_index`` (prompt -> image) and runs the
 stock submodules (``transformer``, ``output_upscaling``, ``output_hypernetworks_mlps``,
 ``iou_prediction_head``) once over all P prompts: no Python loop over images.
+
+``per_class=True`` (AutoSAM's decoding, ``model.head_decode=per_class``) runs one sequence per
+prompt and mask token instead: [IoU token, mask token k, prompt tokens], each with its own copy of
+the image embedding, so no mask token attends to another; mask k is token k's hypernetwork output
+times the upscaled embedding of its own sequence. Still one transformer call over P * K sequences.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class BatchedMaskDecoder(MaskDecoder):
         *,
         upsampler: nn.Module | None = None,
         with_iou: bool = True,
+        per_class: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Predict the masks of every mask token for P prompts.
 
@@ -59,6 +65,8 @@ class BatchedMaskDecoder(MaskDecoder):
           upsampler (nn.Module or None): applied to the upscaled embedding (P, C/8, 4h, 4w) before
             the hypernetwork product (progressive upsampling).
           with_iou (bool): also run the IoU head.
+          per_class (bool): decode each mask token in a sequence of its own (see the module doc);
+            the IoU of mask k is then read from sequence k.
 
         Returns:
           torch.Tensor: mask logits (P, num_mask_tokens, 4h, 4w) (or the upsampler's size).
@@ -71,35 +79,63 @@ class BatchedMaskDecoder(MaskDecoder):
                 f"decoder: {p} prompts but {src.shape[0]} image embeddings selected "
                 "(pass image_index when prompts and images differ in number)"
             )
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.unsqueeze(0).expand(p, -1, -1)
-        tokens = torch.cat((output_tokens, sparse_prompt_embeddings.to(output_tokens.dtype)), 1)
+        k = self.num_mask_tokens
+        sparse = sparse_prompt_embeddings.to(self.mask_tokens.weight.dtype)
         src = src + dense_prompt_embeddings
-        pos_src = image_pe.expand(p, -1, -1, -1)
+        if per_class:
+            # (P, K, 2 + n, C) -> P * K sequences [IoU token, mask token k, prompts], sequence
+            # p * K + k; each gets its own copy of prompt p's image embedding.
+            iou_token = self.iou_token.weight.expand(k, -1)
+            own = torch.stack([iou_token, self.mask_tokens.weight], dim=1)  # (K, 2, C)
+            tokens = torch.cat(
+                (
+                    own.unsqueeze(0).expand(p, -1, -1, -1),
+                    sparse.unsqueeze(1).expand(-1, k, -1, -1),
+                ),
+                dim=2,
+            ).flatten(0, 1)
+            src = src.repeat_interleave(k, dim=0)
+        else:
+            output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+            tokens = torch.cat((output_tokens.unsqueeze(0).expand(p, -1, -1), sparse), dim=1)
         b, c, h, w = src.shape
+        pos_src = image_pe.expand(b, -1, -1, -1)
 
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]
+        if per_class:
+            mask_tokens_out = hs[:, 1, :].view(p, k, -1)
+        else:
+            mask_tokens_out = hs[:, 1 : (1 + k), :]
 
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
-        )
+        )  # (P, K, c')
         if (
             upsampler is None
             and src.device.type == "cpu"
             and _is_stock_upscaling(self.output_upscaling)
         ):
             up = _upscale_tokens(self.output_upscaling, src.view(b, h, w, c))  # (b, 4h, 4w, c')
-            masks = (hyper_in @ up.flatten(1, 2).transpose(1, 2)).view(b, -1, 4 * h, 4 * w)
+            size = (4 * h, 4 * w)
+            features = up.flatten(1, 2).transpose(1, 2)  # (b, c', 16hw)
         else:
             upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
             if upsampler is not None:
                 upscaled = upsampler(upscaled)
-            b, c, h, w = upscaled.shape
-            masks = (hyper_in @ upscaled.reshape(b, c, h * w)).view(b, -1, h, w)
-        iou_pred = self.iou_prediction_head(iou_token_out) if with_iou else None
+            size = tuple(upscaled.shape[-2:])
+            features = upscaled.flatten(2)  # (b, c', H*W)
+        if per_class:  # mask k from sequence k's own features
+            features = features.reshape(p, k, *features.shape[1:])
+            masks = (hyper_in.unsqueeze(2) @ features).view(p, k, *size)
+        else:
+            masks = (hyper_in @ features).view(p, k, *size)
+        iou_pred = None
+        if with_iou:
+            iou_pred = self.iou_prediction_head(iou_token_out)
+            if per_class:  # sequence k's prediction for its own mask
+                iou_pred = iou_pred.view(p, k, k).diagonal(dim1=1, dim2=2)
         return masks, iou_pred
 
 

@@ -72,7 +72,8 @@ def parameter_table(cfg: ModelConfig) -> list[PartCount]:
 def describe(cfg: ModelConfig) -> str:
     """One line naming the model: arch, width, depth, input size, PEFT methods and head."""
     spec = cfg.encoder_spec()
+    encoder = f" (encoder {cfg.encoder_size} px)" if cfg.encoder_size != cfg.image_size else ""
     return (
-        f"{cfg.arch} (width {spec[0]}, depth {spec[1]}) @ {cfg.image_size} px, "
+        f"{cfg.arch} (width {spec[0]}, depth {spec[1]}) @ {cfg.image_size} px{encoder}, "
         f"peft={cfg.peft}, head={cfg.head}"
     )

@@ -12,6 +12,8 @@ Meta's state dict holds ``image_encoder.*``, ``prompt_encoder.*`` and ``mask_dec
 4. resizes the absolute position embedding (bilinear) and the global blocks' relative-position
    tables (linear) when the input size differs, and maps SAM's 4 mask tokens onto AutoSAM's
    ``num_classes + 1`` (token i <- SAM token i mod 4, same for its hypernetwork MLP);
+   with ``model.class_token_init=random`` the class tokens are not loaded but keep the model's
+   fresh init (their hypernetwork MLPs are still SAM's);
 5. refuses any other shape difference, listing the first keys with both shapes.
 """
 
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.config import SAM_ARCHS
+from pipeline.model.config import SAM_ARCHS, ModelConfig
 from pipeline.model.peft import peft_method_of
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,7 @@ def _cycle_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 _HYPER = re.compile(r"mask_decoder\.output_hypernetworks_mlps\.(\d+)\.(.+)$")
+MASK_TOKENS = "mask_decoder.mask_tokens.weight"
 
 
 def _fit_mask_token_count(
@@ -138,7 +141,7 @@ def _fit_mask_token_count(
     """Give the hypernetwork MLPs of a decoder with ``tokens`` mask tokens (AutoSAM) weights from
     SAM's: MLP i <- SAM's MLP i mod n; SAM's extra MLPs are dropped. (The token embeddings and
     the IoU head's last layer are cycled the same way in ``adapt_state_dict``.)"""
-    stored = state.get("mask_decoder.mask_tokens.weight")
+    stored = state.get(MASK_TOKENS)
     if stored is None or stored.shape[0] == tokens:
         return state
     have = stored.shape[0]
@@ -181,9 +184,7 @@ def adapt_state_dict(
         elif key.endswith((".rel_pos_h", ".rel_pos_w")) and value.shape[1:] == want[1:]:
             out[key] = _resize_rel_pos(value, want[0])
             resized.append(f"{key} {value.shape[0]}->{want[0]}")
-        elif key in ("mask_decoder.mask_tokens.weight",) or key.startswith(
-            "mask_decoder.iou_prediction_head.layers."
-        ):
+        elif key == MASK_TOKENS or key.startswith("mask_decoder.iou_prediction_head.layers."):
             if value.shape[1:] == want[1:]:
                 out[key] = _cycle_rows(value, want[0])
             else:
@@ -195,6 +196,14 @@ def adapt_state_dict(
     if resized:
         log.info("%s: resized %d position tables, e.g. %s", source, len(resized), resized[0])
     return out
+
+
+def _fresh_keys(cfg: ModelConfig) -> tuple[str, ...]:
+    """Base keys that keep the model's own init instead of the checkpoint's: AutoSAM's class
+    tokens under ``class_token_init=random`` (as AutoSAM and MA-SAM skip SAM's mask tokens)."""
+    if cfg.head == "auto" and cfg.class_token_init == "random":
+        return (MASK_TOKENS,)
+    return ()
 
 
 def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
@@ -220,7 +229,12 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
             f"{want_width}, {want_depth} blocks ({_arch_name(want_width, want_depth)})"
         )
     state = _fit_mask_token_count(state, model.mask_decoder.num_mask_tokens, source)
-    base = [k for k in target if k.startswith(BASE_PREFIXES) and peft_method_of(k) is None]
+    fresh = _fresh_keys(model.cfg)
+    base = [
+        k
+        for k in target
+        if k.startswith(BASE_PREFIXES) and peft_method_of(k) is None and k not in fresh
+    ]
     missing = sorted(k for k in base if k not in state)
     unexpected = sorted(k for k in state if k not in target)
     if missing or unexpected:
@@ -228,6 +242,9 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
             f"{source}: does not match the SAM layout (image_encoder.*, prompt_encoder.*, "
             f"mask_decoder.*) of model.arch={model.cfg.arch}; " + key_mismatch(missing, unexpected)
         )
+    if fresh:
+        state = {k: v for k, v in state.items() if k not in fresh}
+        log.info("%s: not loaded (model.class_token_init=random): %s", source, ", ".join(fresh))
     fitted = adapt_state_dict(state, target, source=source)
     result = model.load_state_dict(fitted, strict=False)
     left = [k for k in result.missing_keys if k in base]

@@ -56,7 +56,7 @@ class SamAdapt(nn.Module):
         self.cfg = cfg
         dim, depth, heads, global_attn = cfg.encoder_spec()
         prompt_dim = cfg.prompt_dim
-        size = cfg.image_size
+        size = cfg.encoder_size  # the encoder's side; images are resized to it (semantic heads)
         self.image_encoder = AdaptedImageEncoder(
             img_size=size,
             embed_dim=dim,
@@ -208,6 +208,15 @@ class SamAdapt(nn.Module):
         with self._autocast(x.device):
             return self.image_encoder(x.to(weight_dtype), d)
 
+    def _to_encoder_size(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised (N, 3, S, S) images -> (N, 3, E, E), E = ``cfg.encoder_size`` (bilinear, as
+        AutoSAM resizes its inputs to 1024; per-channel normalisation and bilinear resizing
+        commute, so resizing after it is the same)."""
+        size = self.cfg.encoder_size
+        if x.shape[-1] == size:
+            return x
+        return F.interpolate(x, (size, size), mode="bilinear", align_corners=False)
+
     def encode(self, images: torch.Tensor, slices: int | None = None) -> torch.Tensor:
         """Image embeddings.
 
@@ -218,9 +227,10 @@ class SamAdapt(nn.Module):
           slices (int or None): D; None = ``cfg.slices``.
 
         Returns:
-          torch.Tensor: (N, 256, S/16, S/16).
+          torch.Tensor: (N, 256, E/16, E/16), E = ``cfg.encoder_size`` (S unless
+          ``model.encoder_input_size`` is set).
         """
-        return self._encode_normalized(self._normalize(images), slices)
+        return self._encode_normalized(self._to_encoder_size(self._normalize(images)), slices)
 
     def decode(
         self,
@@ -311,6 +321,10 @@ class SamAdapt(nn.Module):
           low_res (bool): return the head's own output grid, before the resize to S (head=auto:
             the decoder's S/4, where SAMed takes its loss).
 
+        The encoder (and the cnn head's image stem) run at ``cfg.encoder_size``; the logits are
+        resized to S. head=auto decodes its classes jointly or one pass each
+        (``cfg.head_decode``).
+
         Returns:
           torch.Tensor: (N, num_classes + 1, S, S) float32 logits, channel 0 = background
           ((N, num_classes + 1, h, w) with ``low_res``).
@@ -320,7 +334,7 @@ class SamAdapt(nn.Module):
                 "semantic() needs a prompt-free head (model.head = auto, cnn or linear); "
                 "head=sam is promptable: use encode() + decode()"
             )
-        x = self._normalize(images)
+        x = self._to_encoder_size(self._normalize(images))
         emb = self._encode_normalized(x, slices)
         with self._autocast(emb.device):
             if self.cfg.head == "auto":
@@ -333,6 +347,7 @@ class SamAdapt(nn.Module):
                     None,
                     upsampler=self.head,
                     with_iou=False,
+                    per_class=self.cfg.head_decode == "per_class",
                 )
             elif self.cfg.head == "cnn":
                 logits = self.head(emb, x)
