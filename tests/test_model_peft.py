@@ -332,3 +332,20 @@ def test_med2d_adapter_is_sam_med2d_convolutions(side):
     mine, ref = torch.autograd.grad(ours, inputs, g), torch.autograd.grad(theirs, inputs, g)
     for a, b in zip(mine, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("peft", [[], ["lora"]])
+def test_train_encoder_trains_every_encoder_weight(peft):
+    frozen = build_model(cfg=tiny_cfg(peft=peft))
+    full = build_model(cfg=tiny_cfg(peft=peft, train_encoder=True))
+    encoder = {n for n, _ in full.image_encoder.named_parameters()}
+    trained = {n.removeprefix("image_encoder.") for n in full.trainable_names}
+    assert encoder <= trained  # base weights and PEFT modules alike
+    # without it only the PEFT modules of the encoder train
+    frozen_encoder = [n for n in frozen.trainable_names if n.startswith("image_encoder.")]
+    assert all(peft_method_of(n) for n in frozen_encoder)
+    assert len(frozen_encoder) < len(encoder)
+    emb = full.encode(images(2))
+    emb.square().mean().backward()
+    grads = [n for n, p in full.image_encoder.named_parameters() if p.grad is not None]
+    assert "patch_embed.proj.weight" in grads and "blocks.0.mlp.lin1.weight" in grads

@@ -129,6 +129,9 @@ class ModelConfig:
     (SAM-Med2D); false = its single-mask token only (MSA)."""
     progressive_upsampling: bool = False
     """MA-SAM's progressive upsampling to full resolution (head=auto)."""
+    train_encoder: bool = False
+    """Train every weight of the image encoder (full fine-tuning, as MedSAM does), not only its
+    PEFT modules; the way to train a model that starts from random weights (debug.yaml)."""
     train_prompt_encoder: bool = True
     """Train SAM's prompt encoder (head=sam)."""
     train_mask_decoder: bool = True

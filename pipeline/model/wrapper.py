@@ -67,6 +67,8 @@ class SamAdapt(nn.Module):
             out_chans=prompt_dim,
         )
         add_peft(self.image_encoder, cfg=cfg)
+        if cfg.train_encoder:  # full fine-tuning: the base weights train beside any PEFT module
+            self.image_encoder.requires_grad_(True)
         self.image_encoder.set_fused_attention(cfg.fused_attention)
         if cfg.activation_checkpointing:
             chosen = cfg.activation_checkpointing_blocks or range(depth)
