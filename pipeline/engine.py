@@ -353,6 +353,24 @@ class Engine:
                 out[name] = full.detach().float().cpu().clone()
         return out
 
+    def frozen_state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of every untrained state tensor (frozen weights, buffers), by name
+        (collective: under ZeRO-3 the frozen weights are gathered from their partitions).
+
+        For an export whose base was randomly initialised (no checkpoint file holds it).
+
+        Returns:
+          dict[str, torch.Tensor]: by state-dict name, in the module's dtype.
+        """
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        frozen = [p for p in self.module.parameters() if not p.requires_grad]
+        trained = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        # modifier_rank=None: read-only gather on every rank (a no-op below ZeRO-3)
+        with GatheredParameters(frozen, modifier_rank=None):
+            state = self.module.state_dict()
+            return {k: v.detach().cpu().clone() for k, v in state.items() if k not in trained}
+
     def _stage0_master(self, param: nn.Parameter) -> torch.Tensor:
         # Stage 0 has no ZeRO mapping: the fp32 master is the parameter itself, or its copy in
         # DeepSpeed's mixed-precision optimizer (fp16_groups[i][j] -> fp32_groups[i][j]).

@@ -29,6 +29,7 @@ from pipeline.data.shards import read_manifest
 from pipeline.distributed import DistEnv
 from pipeline.engine import build_engine
 from pipeline.model import build_model, export_trainable
+from pipeline.model.base import needs_frozen
 from pipeline.overlay import write_overlays
 from pipeline.process import EXIT_REQUEUE, install_signal_handlers, should_stop
 from pipeline.tasks import NonFiniteLoss, build_task, task_class
@@ -295,11 +296,15 @@ class Trainer:
 
     def _export(self) -> None:
         tensors = self.engine.trainable_state_dict()  # collective: gathers ZeRO-3 partitions
+        # A random base is in no file: the export carries it (collective too, same on all ranks)
+        frozen = (
+            self.engine.frozen_state_dict() if needs_frozen(self.cfg.model.checkpoint) else None
+        )
         if not self.env.is_main:
             return
         path = self.run_dir / "export" / "trainable.pt"
         meta = {"step": self.step, "run_id": self.run_id}
-        export_trainable(self.engine.module, path, tensors=tensors, meta=meta)
+        export_trainable(self.engine.module, path, tensors=tensors, frozen=frozen, meta=meta)
         self.tracker.log_artifact(path, artifact_path="export")
 
     def _preempted(self) -> int:

@@ -281,8 +281,9 @@ def _model_info(argv: list[str]) -> int:
 def _export_parser(dtypes: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="samadapt export",
-        description="Write the trained tensors of a model (PEFT, trained SAM parts, head) and its "
-        "config to a small file; load it with pipeline.model.load_exported.",
+        description="Write the trained tensors of a model (PEFT, trained SAM parts, head), its "
+        "config and its base (the checkpoint's path and sha256, or the random base's tensors) "
+        "to a file; load it with pipeline.model.load_exported.",
     )
     parser.add_argument("config", help="the run's config YAML (e.g. RUN_DIR/config.yaml)")
     parser.add_argument("state", help="trained weights: a torch.save file or DeepSpeed checkpoint")
@@ -305,9 +306,10 @@ def _export(argv: list[str]) -> int:
     from pipeline.model.export import DTYPES, export_state, write_merged
 
     args = _export_parser(sorted(DTYPES)).parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides).model
+    root = load_config(args.config, args.overrides)
+    cfg = root.model
     try:
-        out = export_state(cfg, args.state, args.out, dtype=args.dtype)
+        out = export_state(cfg, args.state, args.out, dtype=args.dtype, seed=root.seed)
     except WeightsError as err:
         raise SystemExit(f"samadapt export: {err}") from None
     if args.merged:

@@ -315,3 +315,106 @@ def test_export_cli_from_a_deepspeed_checkpoint(tmp_path, base_checkpoint):
         tensors["image_encoder.blocks.0.attn.qkv.lora.b_q.weight"],
         initial.trainable_state_dict()["image_encoder.blocks.0.attn.qkv.lora.b_q.weight"],
     )
+
+
+_LOAD_IN_FRESH_PROCESS = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[3])
+from test_model_export import images, outputs
+from pipeline.model import load_exported
+torch.manual_seed(int(sys.argv[2]))  # another seed than the trainer's: must not matter
+model = load_exported(sys.argv[1])
+torch.save([t.clone() for t in outputs(model, images(2))], sys.argv[1] + ".out")
+"""
+
+
+def _outputs_in_fresh_process(export: Path, seed: int) -> list[torch.Tensor]:
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_FRESH_PROCESS, str(export), str(seed), str(ROOT / "tests")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return torch.load(str(export) + ".out", weights_only=True)
+
+
+@pytest.mark.parametrize("peft", [["lora"], ["sam_med2d_adapter"]])
+def test_random_base_export_is_self_contained(tmp_path, peft):
+    """A run from random weights: the export carries the frozen base, so a fresh process with
+    another seed rebuilds the very same model (issue 12: Dice 0.0008 instead of 0.0435)."""
+    torch.manual_seed(0)  # the trainer's seed
+    model = build_model(cfg=tiny_cfg(peft=peft))
+    train_a_little(model)
+    model.eval()
+    out = export_trainable(model, tmp_path / "trained.pt")
+    payload = torch.load(out, weights_only=True)
+    frozen = set(model.state_dict()) - set(model.trainable_names)
+    assert set(payload["base"]) == {"tensors"} and set(payload["base"]["tensors"]) == frozen
+    assert any(k.startswith("image_encoder.blocks.0.attn.qkv.") for k in frozen)
+    expected = outputs(model, images(2))
+    for a, b in zip(expected, _outputs_in_fresh_process(out, seed=1234), strict=True):
+        assert torch.equal(a, b)
+    # in this process too, whatever the RNG state; naming a base file for it is refused
+    torch.manual_seed(77)
+    assert torch.equal(outputs(load_exported(out), images(2))[0], expected[0])
+    with pytest.raises(WeightsError, match="carries its own base weights"):
+        load_exported(out, checkpoint=str(out))
+
+
+def test_checkpoint_export_names_its_base_by_sha256(tmp_path, base_checkpoint):
+    import hashlib
+    import shutil
+
+    own = tmp_path / "sam_tiny.pth"
+    shutil.copy(base_checkpoint, own)
+    model = build_model(cfg=tiny_cfg(peft=["lora"], checkpoint=str(own)))
+    train_a_little(model)
+    out = export_trainable(model, tmp_path / "trained.pt")
+    base = torch.load(out, weights_only=True)["base"]
+    digest = hashlib.sha256(own.read_bytes()).hexdigest()
+    assert base == {"checkpoint": str(own), "sha256": digest}
+    load_exported(out)  # the named file, unchanged: loads
+    load_exported(out, checkpoint=base_checkpoint)  # an identical copy elsewhere: loads
+    state = torch.load(own, weights_only=True)
+    state["image_encoder.neck.0.weight"][0, 0] += 1.0
+    torch.save(state, own)
+    changed = hashlib.sha256(own.read_bytes()).hexdigest()
+    with pytest.raises(WeightsError) as err:
+        load_exported(out)
+    message = str(err.value)
+    assert "\n" not in message and str(own) in message
+    assert digest in message and changed in message
+    other = build_model(cfg=tiny_cfg(peft=[]))
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match="other.pth has sha256 .* but the export was trained"):
+        load_exported(out, checkpoint=str(tmp_path / "other.pth"))
+    own.unlink()
+    with pytest.raises(WeightsError, match=f"base checkpoint {own} not found"):
+        load_exported(out)
+
+
+def test_export_cli_random_base_from_trainable_only_state(tmp_path):
+    """A trainable-only state (DeepSpeed's default) of a random-base run: the CLI rebuilds the
+    base from the run's seed, as the trainer built it, and carries it in the export."""
+    from samadapt.config import load_config
+
+    config = _write_config(tmp_path, "", peft=["lora"], head="sam")
+    root = load_config(config)
+    torch.manual_seed(root.seed)  # as Trainer.__init__
+    model = build_model(cfg=root.model)
+    train_a_little(model)
+    model.eval()
+    torch.save(model.trainable_state_dict(), tmp_path / "trainable.pt")
+    out = tmp_path / "export.pt"
+    torch.manual_seed(root.seed + 1)
+    assert main(["export", config, str(tmp_path / "trainable.pt"), str(out)]) == 0
+    for a, b in zip(outputs(model, images(2)), _outputs_in_fresh_process(out, 5), strict=True):
+        assert torch.equal(a, b)
+    from pipeline.model.export import export_state
+
+    with pytest.raises(WeightsError, match="the random base needs the run's seed"):
+        export_state(root.model, tmp_path / "trainable.pt", tmp_path / "e2.pt")

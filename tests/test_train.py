@@ -97,6 +97,24 @@ def _check_export(path: Path) -> None:
     assert any("adapter" in name.lower() for name in model.trainable_names)
 
 
+def _check_random_base(run_dir: Path) -> None:
+    """The export of a random-base run carries the base the trainer initialised (gathered from
+    ZeRO-3 partitions), so loading it never depends on the caller's seed."""
+    import torch
+
+    from pipeline.model import build_model
+    from samadapt.config import load_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    assert cfg.model.checkpoint == ""
+    base = torch.load(run_dir / "export" / "trainable.pt", weights_only=True)["base"]["tensors"]
+    torch.manual_seed(cfg.seed)  # as Trainer.__init__
+    initial = build_model(cfg=cfg.model).state_dict()
+    assert base.keys() == initial.keys() - set(build_model(cfg=cfg.model).trainable_names)
+    for name, tensor in base.items():
+        assert torch.equal(tensor.float(), initial[name].float()), name
+
+
 def test_interactive_zero3(small_shards, tmp_path):
     """ZeRO-3 on 2 ranks; its validation follows the eval section: point prompts only, with 2
     clicks, on at most 2 samples (one 2-image batch per rank) of the split."""
@@ -109,6 +127,7 @@ def test_interactive_zero3(small_shards, tmp_path):
     assert sorted(loss) == list(range(1, 7))
     assert loss[6] < loss[1], loss
     _check_export(run_dir / "export" / "trainable.pt")
+    _check_random_base(run_dir)
     assert _history(run_dir, "val/dice_point") and not _history(run_dir, "val/dice_box")
     from pipeline.data.stream import build_eval_loader
     from samadapt.config import load_config
