@@ -31,12 +31,12 @@ test: venv
 	$(BIN)/python -m pytest -q tests
 
 quickstart: venv
-	$(BIN)/python -m samadapt.synthetic --format sa-med2d $(QUICK)/corpus
+	$(BIN)/python -m samadapt.synthetic --format sa-med2d --cases 40 --size 128 $(QUICK)/corpus
 	$(BIN)/samadapt shard --format sa-med2d $(QUICK)/corpus $(QUICK)/shards \
-		--config configs/debug.yaml
+		--config configs/quickstart.yaml
 	$(BIN)/samadapt inspect $(QUICK)/shards --sheet $(QUICK)/contact_sheet.png
-	$(BIN)/samadapt train configs/debug.yaml data.shards=$(QUICK)/shards \
-		run_dir=$(QUICK)/run train.val_every=20 train.resume=auto
+	$(BIN)/samadapt train configs/quickstart.yaml data.shards=$(QUICK)/shards \
+		run_dir=$(QUICK)/run train.resume=auto
 	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(QUICK))/run/mlflow.db"
 
 lint: venv

@@ -78,8 +78,8 @@ def test_interactive_zero2_learns_and_tracks(small_shards, tmp_path):
     loss = _history(run_dir, "loss")
     first = sum(loss[s] for s in range(1, 5)) / 4
     last = sum(loss[s] for s in range(33, 41)) / 8
-    # debug.yaml's per-mask Dice + IoU falls slowly over 40 steps from random weights (0.91 ->
-    # 0.85 here); whether the model segments is read from validation, not from this.
+    # debug.yaml's per-mask BCE + Dice + IoU falls over 40 steps from random weights (the BCE
+    # term first); whether the model segments is read from validation, not from this.
     assert last < 0.95 * first, (first, last)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "deepspeed_config.json", "export"} <= artifacts
@@ -238,9 +238,11 @@ def test_box_dice_rises_above_the_untrained_model(tmp_path):
     """Learning read from validation, not from the loss: from random weights, box-prompt Dice on
     held-out cases rises clearly above the untrained model's (which fills the image).
 
-    One interaction step per batch: from random weights SAM-Med2D's nine-step loop does not
-    learn here (Dice stays at the untrained value; see README, Status). Not yet above filling
-    the prompt box (0.62 on these shapes): that is the open part of the learning issue.
+    One interaction step per batch, box prompts only: from random weights SAM-Med2D's nine-step
+    loop does not learn here (Dice stays at the untrained value; see README, Status). Not above
+    filling the prompt box (0.62 on these shapes): from random weights the decoder learns a box
+    prior and the encoder no image features in this budget (a frozen random encoder does as
+    well), which is the open part of the learning issue.
     """
     from samadapt.config import load_config
     from sharding.run import run_shard
@@ -258,11 +260,11 @@ def test_box_dice_rises_above_the_untrained_model(tmp_path):
         f"run_dir={run_dir}",
         f"data.shards={shards}",
         "model.image_size=128",
-        "model.prompt_dim=64",
         "data.num_workers=1",
-        "train.steps=600",
+        "train.steps=700",
         "train.interaction_steps=1",
-        "train.val_every=600",
+        "train.first_prompt_box_prob=1",
+        "train.val_every=700",
         "train.log_every=100",
         "train.checkpoint_every=0",
         "train.zero_stage=0",
@@ -271,9 +273,9 @@ def test_box_dice_rises_above_the_untrained_model(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dice = _history(run_dir, "val/dice_box")
-    fill_image = _history(run_dir, "val/baseline/dice_fill_image")[600]
+    fill_image = _history(run_dir, "val/baseline/dice_fill_image")[700]
     assert abs(dice[0] - fill_image) < 0.02, (dice, fill_image)  # untrained: fills the image
-    assert dice[600] > dice[0] + 0.1, dice
+    assert dice[700] > dice[0] + 0.2, dice
 
 
 # The tiny model of configs/debug.yaml, over a paper preset's ViT-B.

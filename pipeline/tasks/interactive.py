@@ -37,7 +37,7 @@ def warn_random_start(cfg: PipelineConfig) -> None:
         "train.loss.name=%s is a recipe for fine-tuning a pretrained SAM, but model.checkpoint "
         "is empty: the model starts from random weights, where its 20x focal term drives every "
         "mask to empty (Dice ~0). From random weights use train.loss.name=bce_dice "
-        "train.loss.bce_weight=0 (per-mask Dice + IoU), as configs/debug.yaml does.",
+        "(per-mask BCE + Dice + IoU) and model.train_encoder=true, as configs/debug.yaml does.",
         loss.name,
     )
 
