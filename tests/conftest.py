@@ -36,3 +36,22 @@ def small_shards(tmp_path_factory) -> Path:
     out = root / "shards"
     run_shard("sa-med2d", corpus, out, cfg=cfg, workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def volumes(tmp_path_factory) -> Path:
+    """A CT NIfTI corpus (6 cases of 8 slices) sharded at 64 px: its Zarr store of volumes."""
+    from samadapt.config import load_config
+    from sharding.run import run_shard
+    from sharding.synthetic import write_nifti
+
+    root = tmp_path_factory.mktemp("ct")
+    corpus = write_nifti(root / "corpus", n_cases=6, shape=(8, 48, 48), modality="CT", seed=2)
+    cfg = load_config(
+        ROOT / "configs/debug.yaml",
+        [f"sharding.image_size={SMALL_SIZE}", "sharding.workers=1", "sharding.val_fraction=0.3"],
+    ).sharding
+    out = root / "shards"
+    run_shard("nifti", corpus, out, cfg=cfg, workers=1)
+    (store,) = (out / "volumes").glob("*.zarr")
+    return store

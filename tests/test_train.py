@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import ROOT, SMALL_SIZE
 from mlflow.tracking import MlflowClient
 
@@ -276,56 +275,3 @@ def test_box_dice_rises_above_the_untrained_model(tmp_path):
     fill_image = _history(run_dir, "val/baseline/dice_fill_image")[700]
     assert abs(dice[0] - fill_image) < 0.02, (dice, fill_image)  # untrained: fills the image
     assert dice[700] > dice[0] + 0.2, dice
-
-
-# The tiny model of configs/debug.yaml, over a paper preset's ViT-B.
-TINY_MODEL = [
-    "model.arch=tiny",
-    "model.embed_dim=64",
-    "model.depth=2",
-    "model.num_heads=2",
-    "model.global_attn_indexes=[1]",
-    "model.window_size=4",
-    "model.prompt_dim=32",
-]
-PRESET_EXTRAS = {
-    "msa": ["train.val_every=2", "eval.max_samples=4"],
-    "samed": ["model.num_classes=6", "train.warmup_steps=1"],  # warm-up fits in the 2 steps
-}
-
-
-@pytest.mark.parametrize("preset", sorted(PRESET_EXTRAS))
-def test_paper_presets_train_two_steps(small_shards, tmp_path, preset):
-    """configs/msa.yaml and configs/samed.yaml with the tiny model at 64 px: two steps of their
-    recipes (MSA: one click, one mask, BCE, frozen prompt encoder, point validation; SAMed:
-    [0, 1] pixels, CE + Dice on the low-res grid) through ``samadapt train``."""
-    from pipeline.model import load_exported
-
-    run_dir = tmp_path / preset
-    cmd = [sys.executable, "-m", "samadapt", "train", str(ROOT / f"configs/{preset}.yaml")]
-    cmd += [f"run_dir={run_dir}", f"data.shards={small_shards}", f"model.image_size={SIZE}"]
-    cmd += ["data.batch_size=2", "data.num_workers=0", "train.steps=2", "train.log_every=1"]
-    cmd += ["train.checkpoint_every=2", *TINY_MODEL, *PRESET_EXTRAS[preset]]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve()}/mlflow.db")
-    (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
-    params = run.data.params
-    assert sorted(_history(run_dir, "loss")) == [1, 2]
-    trained = load_exported(run_dir / "export" / "trainable.pt").trainable_names
-    if preset == "msa":
-        assert params["model.multimask"] == "False" and params["train.loss.pos_weight"] == "2.0"
-        assert params["train.loss_resolution"] == "low_res"
-        assert sorted(_history(run_dir, "loss_step1")) == [1, 2]
-        assert not _history(run_dir, "loss_step2")  # one step per batch
-        assert _history(run_dir, "first_prompt_point") == {1: 1.0, 2: 1.0}
-        assert _history(run_dir, "bce") and sorted(_history(run_dir, "val/dice_point")) == [0, 2]
-        assert not _history(run_dir, "val/dice_box")
-        assert not any(n.startswith("prompt_encoder.") for n in trained)
-        assert any(n.startswith("mask_decoder.") for n in trained)
-    else:
-        assert params["model.pixel_norm"] == "unit" and params["model.head"] == "auto"
-        assert params["train.loss_resolution"] == "low_res"
-        assert params["train.decay_steps"] == "18600"
-        assert sorted(_history(run_dir, "ce")) == sorted(_history(run_dir, "dice")) == [1, 2]
-        assert any("lora" in n for n in trained)
