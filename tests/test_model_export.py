@@ -164,12 +164,14 @@ def test_export_errors(tmp_path, base_checkpoint):
 def _write_config(tmp_path, checkpoint: str, **model) -> str:
     cfg = {
         "defaults": [str(ROOT / "configs" / "debug.yaml")],
-        # prompt_dim 256: the tiny checkpoint has Meta's layout (debug.yaml shrinks it to 32)
+        # prompt_dim 256: the tiny checkpoint has Meta's layout (debug.yaml shrinks it to 128);
+        # a frozen base (debug.yaml trains its whole encoder): the exports hold the PEFT tensors
         "model": {
             "image_size": 64,
             "window_size": 2,
             "checkpoint": checkpoint,
             "prompt_dim": 256,
+            "train_encoder": False,
             **model,
         },
     }

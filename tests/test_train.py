@@ -204,7 +204,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_shards, tmp_pat
 
     cfg = load_config(
         ROOT / "configs/debug.yaml",
-        [f"model.image_size={SIZE}", "model.peft=[]"],
+        [f"model.image_size={SIZE}", "model.peft=[]", "model.train_encoder=false"],
     )
     base = build_model(cfg=cfg.model).state_dict()
     torch.save(base, tmp_path / "good.pth")
@@ -212,7 +212,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_shards, tmp_pat
     torch.save(base, tmp_path / "bad.pth")
 
     run_dir = tmp_path / "run"
-    common = ("launch.ranks=1", "train.checkpoint_every=2", "train.log_every=1")
+    # the encoder frozen: a resumed checkpoint does not hold it, so the bad base is what runs
+    common = (
+        "launch.ranks=1",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        "model.train_encoder=false",
+    )
     good = _train(
         small_shards, run_dir, *common, "train.steps=2", f"model.checkpoint={tmp_path / 'good.pth'}"
     )
