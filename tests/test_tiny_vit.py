@@ -125,6 +125,16 @@ def test_other_sizes_and_the_auto_head():
         assert auto.eval().semantic(images).shape == (1, 3, 64, 64)
 
 
+def test_mobile_sam_patch_embedding_shapes():
+    """MobileSAM's 3x3, stride-2 patch embedding: S/16 embeddings (not yet a model.arch)."""
+    from pipeline.model.tiny_vit import TinyVitEncoder
+
+    encoder = TinyVitEncoder(patch_kernel=3).eval()
+    assert encoder.patch_embed.seq[0].c.weight.shape == (32, 3, 3, 3)
+    with torch.no_grad():
+        assert encoder(torch.rand(1, 3, 256, 256)).shape == (1, 256, 16, 16)
+
+
 def test_wrong_files_fail_in_one_line(tmp_path, lite_state):
     vit = build_model(cfg=load_config(ROOT / "configs/debug.yaml").model)
     vit_file = tmp_path / "vit.pth"

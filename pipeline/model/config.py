@@ -248,7 +248,7 @@ class ModelConfig:
             not self.peft,
             "peft",
             f"{self.peft}: PEFT on model.arch={self.arch} is not built yet (issue 15, item 2); "
-            "set model.peft=[] (the encoder frozen, or all of it trained: model.train_encoder=true)",
+            "set model.peft=[] (encoder frozen, or all of it trained: model.train_encoder=true)",
         )
         for key, default in VIT_ONLY.items():
             require(
