@@ -57,8 +57,8 @@ def reference(lite_state):
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    """Two 256 px images in 0..255, as the readers give them."""
-    return torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 255
+    """One 256 px image in 0..255, as the readers give it (the encoder costs seconds a slice)."""
+    return torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 255
 
 
 def test_strict_load_of_the_real_file(ours, lite_state):
@@ -76,11 +76,12 @@ def test_forward_equals_the_package_model(ours, reference, images):
         per_slice = (time.perf_counter() - start) / len(images)
         ref_emb = reference.image_encoder(images / 255)  # LiteMedSAM's [0, 1] images
         close(emb, ref_emb)
-        assert emb.shape == (2, 256, 64, 64)
+        assert emb.shape == (1, 256, 64, 64)
         sparse, dense = reference.prompt_encoder(points=None, boxes=BOXES[:, None], masks=None)
         pe = reference.prompt_encoder.get_dense_pe()
         for multimask in (False, True):
-            logits, iou = ours.decode(emb, boxes=BOXES, multimask=multimask)
+            index = torch.zeros(len(BOXES), dtype=torch.long)  # two boxes on the one image
+            logits, iou = ours.decode(emb, image_index=index, boxes=BOXES, multimask=multimask)
             ref_logits, ref_iou = reference.mask_decoder(
                 image_embeddings=ref_emb,
                 image_pe=pe,
@@ -110,6 +111,21 @@ def test_frozen_encoder_is_the_same_in_training(ours, images):
     assert not any(p.requires_grad for p in ours.image_encoder.parameters())
     groups = ours.param_groups()
     assert sorted(groups) == ["mask_decoder", "prompt_encoder"]
+
+
+def test_export_names_the_packaged_file(ours, tmp_path):
+    """An export of a model on model.checkpoint=lite_medsam names that file by its sha256 and
+    carries no base tensor; it loads back to the same model."""
+    from pipeline.model import load_exported
+    from pipeline.model.export import export_trainable, read_payload
+
+    path = export_trainable(ours, tmp_path / "lite.pt")
+    base = read_payload(path)[1]["base"]
+    assert base["checkpoint"] == "lite_medsam" and "tensors" not in base
+    assert base["sha256"].startswith("79d8c9dca6db")  # the package's CHECKPOINT_SHA256
+    loaded = load_exported(path)
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
 def test_other_sizes_and_the_auto_head():
