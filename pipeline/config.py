@@ -353,6 +353,12 @@ class PipelineConfig:
             "predicts at the input size: use train.loss_resolution=input",
         )
         require(
+            self.train.loss_resolution == "input" or not self.model.is_tiny_vit,
+            "train.loss_resolution",
+            f"=low_res is the S/4 grid of a ViT's decoder; model.arch={self.model.arch}'s "
+            "decoder predicts at S already: use train.loss_resolution=input",
+        )
+        require(
             not self.data.volumes or mode == "semantic",
             "data.volumes",
             "(3D slice stacks) feeds prompt-free training: set train.mode=semantic or train "

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.model.weights import WeightsError
+from pipeline.model.weights import WeightsError, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,19 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _as_file(checkpoint: str) -> Path:
+    """``model.checkpoint`` as a file path: a name (``lite_medsam``) resolved to its installed
+    file, when the package is there."""
+    try:
+        return resolve_checkpoint(checkpoint)
+    except WeightsError:  # the named file's package is missing: as a plain path, not a file
+        return Path(checkpoint)
+
+
 def needs_frozen(checkpoint: str) -> bool:
     """Whether an export must carry the base tensors: the base is random (``checkpoint`` empty)
     or its named file is gone, so there is nothing to name by hash."""
-    return not (checkpoint and Path(checkpoint).is_file())
+    return not (checkpoint and _as_file(checkpoint).is_file())
 
 
 def frozen_tensors(model: nn.Module, trainable: set[str]) -> dict[str, torch.Tensor]:
@@ -78,7 +87,7 @@ def base_record(checkpoint: str, frozen: dict[str, torch.Tensor] | None) -> dict
       dict: ``{"checkpoint", "sha256"}`` or ``{"tensors"}``.
     """
     if not needs_frozen(checkpoint):
-        return {"checkpoint": checkpoint, "sha256": file_sha256(checkpoint)}
+        return {"checkpoint": checkpoint, "sha256": file_sha256(_as_file(checkpoint))}
     if frozen is None:
         what = f"model.checkpoint {checkpoint} is not a file" if checkpoint else "it is random"
         raise WeightsError(f"export: the base weights are needed in the export ({what})")
@@ -98,12 +107,12 @@ def check_base_file(export: str | os.PathLike, base: dict[str, Any], checkpoint:
     Raises:
       WeightsError: one line naming the file and both hashes.
     """
-    if not Path(checkpoint).is_file():
+    if not _as_file(checkpoint).is_file():
         raise WeightsError(
             f"{export}: base checkpoint {checkpoint} not found (the export was trained on a file "
             f"with sha256 {base['sha256']})"
         )
-    found = file_sha256(checkpoint)
+    found = file_sha256(_as_file(checkpoint))
     if found != base["sha256"]:
         raise WeightsError(
             f"{export}: base checkpoint {checkpoint} has sha256 {found}, but the export was "

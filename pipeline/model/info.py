@@ -24,22 +24,25 @@ class PartCount:
     trainable: int
 
 
-def _part_of(name: str) -> str:
+def _part_of(name: str, encoder: str) -> str:
     top = name.split(".", 1)[0]
     if top == "image_encoder":
         method = peft_method_of(name)
-        return f"peft: {method}" if method else "image_encoder (SAM)"
+        return f"peft: {method}" if method else encoder
     return top
 
 
 def count_parameters(model: nn.Module) -> list[PartCount]:
-    """Rows for the encoder's base weights, each PEFT method, the prompt encoder, the mask
-    decoder and the head (parts without parameters are left out), then a ``total`` row."""
-    order = ["image_encoder (SAM)", *(f"peft: {m}" for m in PEFT_METHODS)]
+    """Rows for the encoder's base weights (``image_encoder (SAM)``, or ``(TinyViT)``), each
+    PEFT method, the prompt encoder, the mask decoder and the head (parts without parameters are
+    left out), then a ``total`` row."""
+    cfg = getattr(model, "cfg", None)
+    encoder = "image_encoder (TinyViT)" if cfg and cfg.is_tiny_vit else "image_encoder (SAM)"
+    order = [encoder, *(f"peft: {m}" for m in PEFT_METHODS)]
     order += ["prompt_encoder", "mask_decoder", "head"]
     rows = {part: PartCount(part, 0, 0) for part in order}
     for name, param in model.named_parameters():
-        row = rows[_part_of(name)]
+        row = rows[_part_of(name, encoder)]
         row.total += param.numel()
         row.trainable += param.numel() if param.requires_grad else 0
     out = [row for row in rows.values() if row.total]
@@ -70,10 +73,16 @@ def parameter_table(cfg: ModelConfig) -> list[PartCount]:
 
 
 def describe(cfg: ModelConfig) -> str:
-    """One line naming the model: arch, width, depth, input size, PEFT methods and head."""
-    spec = cfg.encoder_spec()
+    """One line naming the model: arch, width and depth (ViT) or embedding grid (TinyViT),
+    input size, PEFT methods and head."""
+    if cfg.is_tiny_vit:
+        grid = cfg.embedding_size
+        shape = f"TinyViT, {grid}x{grid} embeddings"
+    else:
+        spec = cfg.encoder_spec()
+        shape = f"width {spec[0]}, depth {spec[1]}"
     encoder = f" (encoder {cfg.encoder_size} px)" if cfg.encoder_size != cfg.image_size else ""
     return (
-        f"{cfg.arch} (width {spec[0]}, depth {spec[1]}) @ {cfg.image_size} px{encoder}, "
+        f"{cfg.arch} ({shape}) @ {cfg.image_size} px{encoder}, "
         f"peft={cfg.peft}, head={cfg.head}"
     )

