@@ -322,6 +322,73 @@ def _export(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# samadapt eval
+# --------------------------------------------------------------------------------------------
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samadapt eval",
+        description="Score a trained promptable 2D model on a shard split with SAM-Med2D's and "
+        "the CVPR 2025 challenge's protocols, beside its untrained base and trivial baselines; "
+        "tables, a Markdown report, plots and overlays to --out and to MLflow.",
+    )
+    parser.add_argument("config", help="the run's config YAML (RUN_DIR/config.yaml)")
+    parser.add_argument("model", help="checkpoint folder (RUN_DIR/checkpoints/step-N) or export")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    parser.add_argument("--split", default="test", help="train, val or test (default test)")
+    parser.add_argument("--shards", default=None, help="shard folder (default data.shards)")
+    parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/eval/...)")
+    parser.add_argument("--max-samples", type=int, default=0, help="images (0 = all)")
+    parser.add_argument("--clicks", type=int, default=5, help="CVPR protocol clicks (5)")
+    parser.add_argument(
+        "--iter-point", type=int, default=5, help="SAM-Med2D point protocol passes (5)"
+    )
+    parser.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance, mm")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: GPU if any)")
+    parser.add_argument("--no-mlflow", action="store_true", help="write files only")
+    return parser
+
+
+def _eval(argv: list[str]) -> int:
+    """``samadapt eval CONFIG MODEL [key=value ...] [--split S] [--shards DIR] [--out DIR]
+    [--max-samples N] ...``: see ``pipeline/eval/run.py``. Exit 2 with one line for a bad
+    model file, split or shard folder."""
+    args = _eval_parser().parse_intermixed_args(argv)
+    overrides = list(args.overrides)
+    if args.shards:
+        overrides.append(f"data.shards={args.shards}")
+    if args.max_samples < 0:
+        return _fail("eval", "--max-samples must be >= 0", 2)
+    cfg = load_config(args.config, overrides)
+    from pipeline.data.samples import SampleError
+    from pipeline.eval.run import evaluate
+    from pipeline.model import WeightsError
+
+    try:
+        result = evaluate(
+            cfg,
+            args.model,
+            split=args.split,
+            out=args.out,
+            max_samples=args.max_samples,
+            clicks=args.clicks,
+            iter_point=args.iter_point,
+            tolerance=args.nsd_tolerance,
+            track=not args.no_mlflow,
+            device=args.device,
+        )
+    except ConfigError:
+        raise  # main's one-line "config error"
+    except (ValueError, WeightsError, SampleError, OSError) as err:
+        return _fail("eval", err, 2)
+    print(f"evaluation report: {result.report}")
+    if result.run_id:
+        print(f"MLflow run {result.run_id} (evaluation of {cfg.run_dir})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # Dispatch
 # --------------------------------------------------------------------------------------------
 
@@ -332,6 +399,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train SAM (interactive or prompt-free), tracked in MLflow"),
     "model-info": (_model_info, "parameters per model part (total / trainable)"),
     "export": (_export, "write a model's trained tensors + config (small)"),
+    "eval": (_eval, "score a trained model: protocols, baselines, report, MLflow"),
 }
 
 
