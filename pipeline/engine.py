@@ -500,8 +500,25 @@ def build_engine(
     return Engine(ds_engine, optimizer, train=train, config=config)
 
 
+def _stage0_module(path: Path) -> dict[str, torch.Tensor] | None:
+    """The weights of a ZeRO stage-0 checkpoint tag folder, else None.
+
+    Stage 0 partitions nothing: DeepSpeed keeps the module's state dict whole in
+    ``mp_rank_00_model_states.pt`` and writes no ZeRO files for ``zero_to_fp32`` to read.
+    """
+    states = path / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        return None
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    zero = (saved.get("ds_config") or {}).get("zero_optimization") or {}
+    if int(zero.get("stage", 0)) != 0 or not saved.get("module"):
+        return None
+    return {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
+
+
 def read_zero_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a DeepSpeed checkpoint, consolidated from its ZeRO partitions.
+    """The fp32 weights of a DeepSpeed checkpoint, consolidated from its ZeRO partitions (or
+    read whole from a stage-0 checkpoint).
 
     Arguments:
       path: a checkpoint tag folder (``RUN_DIR/checkpoints/step-0000200``) or the folder holding
@@ -514,6 +531,9 @@ def read_zero_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     path = Path(path)
+    unpartitioned = _stage0_module(path)
+    if unpartitioned is not None:
+        return unpartitioned
     errors = []
     for folder, tag in ((path, None), (path.parent, path.name)):
         try:

@@ -17,9 +17,7 @@ from samadapt.cli import main
 FAST = ["--split", "val", "--max-samples", "2", "--clicks", "2", "--iter-point", "2"]
 
 
-@pytest.fixture(scope="module")
-def run_dir(small_shards, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("eval") / "run"
+def _train_two_steps(small_shards, run: Path, *extra: str) -> Path:
     cmd = [sys.executable, "-m", "samadapt", "train", str(ROOT / "configs/debug.yaml")]
     cmd += [
         f"run_dir={run}",
@@ -30,10 +28,16 @@ def run_dir(small_shards, tmp_path_factory) -> Path:
         "train.steps=2",
         "train.checkpoint_every=2",
         "train.val_every=0",
+        *extra,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_shards, tmp_path_factory) -> Path:
+    return _train_two_steps(small_shards, tmp_path_factory.mktemp("eval") / "run")
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -87,8 +91,7 @@ def test_eval_checkpoint_writes_report_tables_and_mlflow(run_dir, tmp_path):
     assert {"report.md", "masks.csv", "summary.csv", "summary.json", "overlays"} <= artifacts
 
 
-def test_export_scores_as_its_checkpoint(run_dir, tmp_path):
-    """The export and the checkpoint of one step are one model: the same per-mask scores."""
+def _same_scores(run_dir: Path, tmp_path: Path) -> None:
     from pipeline.eval.run import evaluate
     from samadapt.config import load_config
 
@@ -99,6 +102,18 @@ def test_export_scores_as_its_checkpoint(run_dir, tmp_path):
     assert [(r.key, r.step, r.dice) for r in ckpt.rows if r.model == "trained"] == [
         (r.key, r.step, r.dice) for r in export.rows if r.model == "trained"
     ]
+
+
+def test_export_scores_as_its_checkpoint(run_dir, tmp_path):
+    """The export and the checkpoint of one step are one model: the same per-mask scores."""
+    _same_scores(run_dir, tmp_path)
+
+
+def test_stage0_checkpoint_scores_as_its_export(small_shards, tmp_path):
+    """ZeRO stage 0 (configs/quickstart.yaml) writes no ZeRO partitions: its checkpoint is read
+    whole, and scores as the export of the same step."""
+    run = _train_two_steps(small_shards, tmp_path / "run", "train.zero_stage=0")
+    _same_scores(run, tmp_path)
 
 
 def _one_line(capsys, argv: list[str]) -> str:
