@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from configtree import flatten
 from pipeline.config import PipelineConfig
 from pipeline.eval.models import Loaded, base_model, load_trained
 from pipeline.eval.protocols import (
@@ -36,6 +35,7 @@ from pipeline.eval.protocols import (
 )
 from pipeline.eval.report import Overlay, write_report
 from pipeline.eval.scoring import Row, auc_rows, score_masks, shard_spacing, summary_rows
+from pipeline.eval.tracking import track_evaluation
 from pipeline.evaluate import fill_box
 
 __all__ = ["SPLITS", "EvalResult", "evaluate"]
@@ -219,7 +219,7 @@ def evaluate(
     result = EvalResult(out=out, report=out / "report.md", rows=rows, summary=summary)
     result.files = write_report(out, rows=rows, summary=summary, info=info, overlays=overlays)
     if track:
-        result.run_id = _track(cfg, info, summary, result.files, out)
+        result.run_id = track_evaluation(cfg, info, summary, result.files, out)
     log.info("evaluation report: %s", result.report)
     return result
 
@@ -363,60 +363,3 @@ def _overlays(
                     )
                 )
     return found
-
-
-def _track(
-    cfg: PipelineConfig,
-    info: dict[str, Any],
-    summary: list[dict[str, Any]],
-    files: list[Path],
-    out: Path,
-) -> str | None:
-    """A new MLflow run in the run's store, tagged as an evaluation of the source run."""
-    import dataclasses
-
-    from pipeline.tracking import Tracker
-
-    tracking = dataclasses.replace(
-        cfg.tracking, run_name=f"eval-{info['split']}-{Path(info['model']).name}"
-    )
-    tracker = Tracker(main=True)
-    tags = {
-        "samadapt.kind": "evaluation",
-        "samadapt.evaluation_of": info["source_run_id"] or "",
-        "samadapt.eval.model": info["model"],
-        "samadapt.eval.split": info["split"],
-    }
-    params = {f"eval.{k}": v for k, v in info.items() if v is not None}
-    params.update({f"model.{k}": v for k, v in flatten(cfg.model).items()})
-    run_id = tracker.start(cfg=tracking, run_dir=cfg.run_dir, params=params, tags=tags)
-    try:
-        metrics, curves = {}, []
-        for entry in summary:
-            if entry["class"] != "all":
-                continue
-            step = entry["step"].replace(" ", "_")
-            base = f"{entry['model']}/{entry['protocol']}/{step}"
-            for metric in ("dice", "iou", "hd95", "nsd"):
-                value = entry[f"{metric}_mean"]
-                if not math.isnan(value) and not math.isinf(value):
-                    metrics[f"{base}/{metric}"] = value
-            if entry["protocol"] == "cvpr" and entry["index"] >= 0:
-                curves.append(entry)
-        tracker.log_metrics(metrics, step=0)
-        for entry in curves:  # Dice / NSD vs clicks as MLflow series, x = clicks
-            tracker.log_metrics(
-                {
-                    f"{entry['model']}/cvpr/dice_vs_clicks": entry["dice_mean"],
-                    f"{entry['model']}/cvpr/nsd_vs_clicks": entry["nsd_mean"],
-                },
-                step=int(entry["index"]),
-            )
-        for path in files:
-            rel = path.relative_to(out)
-            tracker.log_artifact(path, artifact_path=str(rel.parent) if rel.parent.parts else None)
-    except Exception:
-        tracker.end("FAILED")
-        raise
-    tracker.end()
-    return run_id
