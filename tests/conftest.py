@@ -18,6 +18,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 SMALL_SIZE = 64
+TINY_MODEL = [
+    "model.arch=tiny",
+    "model.embed_dim=64",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.global_attn_indexes=[1]",
+    "model.window_size=4",
+    "model.prompt_dim=32",
+]
+"""Overrides that shrink any preset's model to a tiny ViT (a paper preset's ViT-B/H included)."""
 
 
 @pytest.fixture(scope="session")

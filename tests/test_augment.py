@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import ROOT, SMALL_SIZE
+from conftest import ROOT, SMALL_SIZE, TINY_MODEL
 
 import pipeline.augment.batch as augment_batch
 from configtree import ConfigError
@@ -477,13 +477,7 @@ def _worker(rank: int, port: int, shards: str, store: str, runs: str) -> None:
             f"run_dir={Path(runs) / 'stacks'}",
             f"data.volumes={store}",
             f"model.image_size={V}",
-            "model.arch=tiny",
-            "model.embed_dim=64",
-            "model.depth=2",
-            "model.num_heads=2",
-            "model.global_attn_indexes=[1]",
-            "model.window_size=4",
-            "model.prompt_dim=32",
+            *TINY_MODEL,
             "model.slices=3",
             "model.fact_rank=8",
             "model.adapter3d_dim=16",

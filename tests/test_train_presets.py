@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import ROOT, SMALL_SIZE
+from conftest import ROOT, SMALL_SIZE, TINY_MODEL
 from mlflow.tracking import MlflowClient
 
 from configtree import flatten
@@ -30,13 +30,7 @@ S = SMALL_SIZE
 # short run (two steps of two images, no validation, a checkpoint at the end only; a small
 # shuffle buffer, or the reader decodes the whole corpus before the first batch).
 TINY_RUN = [
-    "model.arch=tiny",
-    "model.embed_dim=64",
-    "model.depth=2",
-    "model.num_heads=2",
-    "model.global_attn_indexes=[1]",
-    "model.window_size=4",
-    "model.prompt_dim=32",
+    *TINY_MODEL,
     f"model.image_size={S}",
     "data.batch_size=2",
     "data.num_workers=0",
