@@ -507,7 +507,9 @@ def _stage0_module(path: Path) -> dict[str, torch.Tensor] | None:
     ``mp_rank_00_model_states.pt`` and writes no ZeRO files for ``zero_to_fp32`` to read.
     """
     states = path / "mp_rank_00_model_states.pt"
-    if not states.is_file():
+    # ZeRO 1-3 write per-rank partitions beside it: leave those to zero_to_fp32 without loading
+    # the (possibly large) model states file twice
+    if not states.is_file() or any(path.glob("*zero_pp_rank_*")):
         return None
     saved = torch.load(states, map_location="cpu", weights_only=False)
     zero = (saved.get("ds_config") or {}).get("zero_optimization") or {}
