@@ -37,7 +37,7 @@ quickstart: venv
 	$(BIN)/samadapt inspect $(QUICK)/shards --sheet $(QUICK)/contact_sheet.png
 	$(BIN)/samadapt train configs/quickstart.yaml data.shards=$(QUICK)/shards \
 		run_dir=$(QUICK)/run train.resume=auto
-	@echo "Evaluate: $(BIN)/samadapt eval $(QUICK)/run/config.yaml $(QUICK)/run/checkpoints/step-0003000"
+	@echo "Evaluate: $(BIN)/samadapt eval $(QUICK)/run/config.yaml $(QUICK)/run/checkpoints/step-0003000 --split val"
 	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(QUICK))/run/mlflow.db"
 
 lint: venv
