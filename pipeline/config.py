@@ -26,6 +26,7 @@ from pipeline.model.config import ModelConfig
 
 __all__ = [
     "BOX_FROM",
+    "EMBEDDING_CACHE_MODES",
     "LOSS_RESOLUTIONS",
     "AugmentConfig",
     "BoxFrom",
@@ -46,6 +47,9 @@ BOX_FROM: tuple[str, ...] = typing.get_args(BoxFrom)
 # (the logits resized up) or on the decoder's low-resolution grid, S/4 (the truth resized down).
 LossResolution = Literal["input", "low_res"]
 LOSS_RESOLUTIONS: tuple[str, ...] = typing.get_args(LossResolution)
+# Where image embeddings of a frozen encoder are kept between uses (pipeline/embedding_cache.py).
+EmbeddingCacheMode = Literal["auto", "none", "memory", "disk"]
+EMBEDDING_CACHE_MODES: tuple[str, ...] = typing.get_args(EmbeddingCacheMode)
 
 
 @dataclass
@@ -190,6 +194,17 @@ class TrainConfig:
     foreground classes only (AutoSAM's do_bg=False)."""
     semantic_dice_smooth: float = 1e-5
     """Smoothing of each class's Dice (SAMed, MA-SAM: 1e-5; AutoSAM: 1)."""
+    # -- frozen-encoder speed (pipeline/embedding_cache.py) ------------------------------------
+    embedding_cache: EmbeddingCacheMode = "auto"
+    """Keep the image embeddings of a frozen encoder (no PEFT, model.train_encoder=false) so
+    each distinct input image is encoded once per run: memory (this process), disk
+    (RUN_DIR/embedding_cache, kept across resumes, keyed by the encoder's weights), none, or
+    auto = memory when the encoder is frozen and ZeRO stage < 3, else none. Entries are keyed
+    by the exact input pixels, so augmented images only hit when an augmentation repeats
+    (flips) and a changed shard set cannot be served stale embeddings."""
+    embedding_cache_gb: float = 4.0
+    """Most gigabytes the cache holds (memory or disk); further embeddings are computed each
+    time they are needed."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", "must be >= 1")
@@ -235,6 +250,12 @@ class TrainConfig:
         require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 = keep all)")
         require(self.val_every >= 0, "val_every", "must be >= 0")
+        require(
+            self.embedding_cache in EMBEDDING_CACHE_MODES,
+            "embedding_cache",
+            f"must be one of {', '.join(EMBEDDING_CACHE_MODES)}, got {self.embedding_cache!r}",
+        )
+        require(self.embedding_cache_gb > 0, "embedding_cache_gb", "must be > 0")
 
 
 # Prompt kinds that pipeline.evaluate.validate_interactive scores: one box, or one point, per mask.
@@ -357,6 +378,20 @@ class PipelineConfig:
             "train.loss_resolution",
             f"=low_res is the S/4 grid of a ViT's decoder; model.arch={self.model.arch}'s "
             "decoder predicts at S already: use train.loss_resolution=input",
+        )
+        encoder_trains = bool(self.model.peft) or self.model.train_encoder
+        require(
+            self.train.embedding_cache in ("auto", "none") or not encoder_trains,
+            "train.embedding_cache",
+            f"={self.train.embedding_cache} keeps a frozen encoder's embeddings, but the encoder "
+            f"trains (model.peft={self.model.peft}, model.train_encoder="
+            f"{str(self.model.train_encoder).lower()}): use train.embedding_cache=auto or none",
+        )
+        require(
+            self.train.embedding_cache in ("auto", "none") or self.train.zero_stage < 3,
+            "train.embedding_cache",
+            f"={self.train.embedding_cache} needs train.zero_stage < 3: ZeRO-3 gathers the "
+            "encoder's weights in every rank's forward together, so no rank may skip one",
         )
         require(
             not self.data.volumes or mode == "semantic",

@@ -8,7 +8,7 @@ Sums are all-reduced, so every rank returns the same figures over the whole spli
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +141,7 @@ def validate_interactive(
     prompts: tuple[str, ...] = ("box", "point"),
     clicks: int = 1,
     keep: int = 0,
+    encode: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], list[Example]]:
     """Mean Dice / IoU over every valid mask of the split, per prompt kind.
 
@@ -149,6 +150,8 @@ def validate_interactive(
       clicks: points per point prompt, the first ``clicks`` the reader made for the mask.
       keep: examples (image, truth, prediction with the first prompt kind) to return for
         overlays, from this rank's first batch.
+      encode: where a frozen encoder's embeddings come from (an ``EmbeddingCache``: the fixed
+        split is encoded once per run); None = the engine's encode forward.
 
     Returns:
       ``{"val/dice_box": ..., "val/iou_box": ..., "val/dice_point": ..., ...}`` with the trivial
@@ -164,7 +167,10 @@ def validate_interactive(
             data = _one_dummy_mask(data)  # same forwards on every rank (ZeRO-3), none counted
         p = prompts_of(data)
         valid = data["mask_valid"].reshape(-1) & real
-        embeddings = engine({"images": data["image"]}, "encode")
+        if encode is not None:
+            embeddings = encode(data["image"])
+        else:
+            embeddings = engine({"images": data["image"]}, "encode")
         for j, dice in enumerate(baseline_dice(p["boxes"], p["target"]).values()):
             trivial[j] += dice[valid].sum().double().cpu()
         for i, kind in enumerate(prompts):
@@ -213,9 +219,18 @@ def validate_interactive(
 
 @torch.no_grad()
 def validate_semantic(
-    engine: Any, loader: Iterable[dict], *, num_classes: int, slices: int = 1, keep: int = 0
+    engine: Any,
+    loader: Iterable[dict],
+    *,
+    num_classes: int,
+    slices: int = 1,
+    keep: int = 0,
+    encode: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], list[Example]]:
     """Per-class Dice over the split (accumulated intersections, so every voxel counts once).
+
+    ``encode``: where a frozen encoder's embeddings come from (an ``EmbeddingCache``); None =
+    encoded inside the forward.
 
     Returns:
       ``{"val/dice": mean over classes present, "val/dice_c1": ..., ...}`` and up to ``keep``
@@ -227,7 +242,10 @@ def validate_semantic(
     for batch, real in lockstep(loader, engine.device):
         images = batch["image"].to(engine.device)
         label = batch["label"].to(engine.device)
-        pred = engine({"images": images, "slices": slices}, "semantic").argmax(1)
+        inputs = {"images": images, "slices": slices}
+        if encode is not None:
+            inputs["embeddings"] = encode(images, slices)
+        pred = engine(inputs, "semantic").argmax(1)
         if not real:
             continue
         for j in range(min(keep - len(examples), images.shape[0])):

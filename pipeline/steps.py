@@ -22,6 +22,7 @@ and no host round-trip inside the loop (the per-step losses come back in one tra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,25 +100,36 @@ def _score(
     return _Turn(loss=loss, parts=parts, low=best_low, full=full)
 
 
+# The embeddings of a batch's images from somewhere other than the training forward: a
+# pipeline.embedding_cache.EmbeddingCache (frozen encoder), called as encode(images, slices).
+Encode = Callable[..., torch.Tensor]
+
+
 def _first_turn(
     engine: Any,
     image: torch.Tensor,
     p: dict[str, torch.Tensor],
     first: StepPlan,
     loss_fn: InteractiveLoss,
+    encode: Encode | None = None,
 ) -> tuple[_Turn, torch.Tensor]:
-    """Step 0: encoder + prompt encoder + decoder in one forward, a box or one point.
+    """Step 0: encoder + prompt encoder + decoder in one forward, a box or one point; with
+    ``encode`` (a frozen encoder's cached embeddings), prompt encoder + decoder only.
 
     Returns:
       The step's result and the image embeddings (still in the graph).
     """
     # No "multimask" key: the decoder outputs what model.multimask says (3 masks or 1).
-    inputs: dict[str, Any] = {"images": image, "image_index": p["image_index"]}
+    inputs: dict[str, Any] = {"image_index": p["image_index"]}
     if first.uses_box:
         inputs["boxes"] = p["boxes"]
     else:
         inputs["points"] = (p["point_coords"][:, :1], p["point_labels"][:, :1])
-    logits, iou, embeddings = engine(inputs, "prompt")
+    if encode is not None:
+        embeddings = encode(image)
+        logits, iou = engine({**inputs, "embeddings": embeddings}, "decode")
+    else:
+        logits, iou, embeddings = engine({**inputs, "images": image}, "prompt")
     return _score(logits, iou, p, loss_fn), embeddings
 
 
@@ -181,6 +193,7 @@ def interactive_step(
     click_generator: torch.Generator,
     phases: tuple[str, ...],
     loss_fn: InteractiveLoss | None = None,
+    encode: Encode | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run the n-step simulated interaction on one batch and update the model.
 
@@ -195,6 +208,8 @@ def interactive_step(
       phases: all trainable phases (updated in step 0).
       loss_fn: the loss of every step (default: built from ``train.loss``; build it once and
         pass it in a loop).
+      encode: where a frozen encoder's embeddings come from (``EmbeddingCache``); None = the
+        encoder runs inside step 0's forward.
 
     Returns:
       Detached device tensors: ``loss_steps`` (n,) and the unweighted terms per step (n,):
@@ -215,7 +230,7 @@ def interactive_step(
         random_mask_only=train.random_mask_only,
     )
     summed = train.sum_interaction_losses
-    turn, embeddings = _first_turn(engine, data["image"], p, plan[0], loss_fn)
+    turn, embeddings = _first_turn(engine, data["image"], p, plan[0], loss_fn, encode)
     turns = [turn]
     if not summed:
         _update(engine, turn.loss, phases, step)
@@ -253,6 +268,7 @@ def semantic_step(
     step: int,
     phases: tuple[str, ...],
     slices: int = 1,
+    encode: Encode | None = None,
 ) -> dict[str, torch.Tensor]:
     """One prompt-free step (SAMed / MA-SAM / AutoSAM): CE + Dice on the multi-class logits, at
     the input size or, with ``train.loss_resolution=low_res``, on the head's low-resolution
@@ -260,13 +276,18 @@ def semantic_step(
 
     Arguments:
       batch: image (N, 3, S, S) uint8 and label (N, S, S) int64 (N = B*D for D-slice stacks).
+      encode: where a frozen encoder's embeddings come from (``EmbeddingCache``); None = the
+        encoder runs inside the forward.
 
     Returns:
       Detached device tensors ``loss``, ``ce``, ``dice``.
     """
     data = _to(batch, engine.device)
     low_res = train.loss_resolution == "low_res"
-    logits = engine({"images": data["image"], "slices": slices, "low_res": low_res}, "semantic")
+    inputs = {"images": data["image"], "slices": slices, "low_res": low_res}
+    if encode is not None:
+        inputs["embeddings"] = encode(data["image"], slices)
+    logits = engine(inputs, "semantic")
     label = data["label"]
     if low_res:
         label = to_low_res(label, logits.shape[-1])

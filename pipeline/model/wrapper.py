@@ -341,7 +341,12 @@ class SamAdapt(nn.Module):
         return masks[:, chosen].float(), iou[:, chosen].float()
 
     def semantic(
-        self, images: torch.Tensor, slices: int | None = None, *, low_res: bool = False
+        self,
+        images: torch.Tensor,
+        slices: int | None = None,
+        *,
+        low_res: bool = False,
+        embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Prompt-free multi-class logits from the auto / cnn / linear head.
 
@@ -350,6 +355,8 @@ class SamAdapt(nn.Module):
           slices (int or None): D; None = ``cfg.slices``.
           low_res (bool): return the head's own output grid, before the resize to S (head=auto:
             the decoder's S/4, where SAMed takes its loss).
+          embeddings (torch.Tensor or None): the images' embeddings from ``encode`` (a frozen
+            encoder's cache); None = encode them here.
 
         The encoder (and the cnn head's image stem) run at ``cfg.encoder_size``; the logits are
         resized to S. head=auto decodes its classes jointly or one pass each
@@ -365,7 +372,7 @@ class SamAdapt(nn.Module):
                 "head=sam is promptable: use encode() + decode()"
             )
         x = self._to_encoder_size(self._normalize(images))
-        emb = self._encode_normalized(x, slices)
+        emb = self._encode_normalized(x, slices) if embeddings is None else embeddings
         with self._autocast(emb.device):
             if self.cfg.head == "auto":
                 sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=None)
@@ -411,7 +418,7 @@ class SamAdapt(nn.Module):
             encode:   images, slices (optional)                     -> embeddings
             decode:   embeddings, image_index, points | point_coords + point_labels, boxes,
                       mask_inputs, multimask (all but embeddings optional) -> (logits, iou)
-            semantic: images, slices, low_res (both optional)       -> logits (N, C+1, S, S)
+            semantic: images, slices, low_res, embeddings (optional) -> logits (N, C+1, S, S)
             prompt:   images + the decode keys (encode then decode) -> (logits, iou, embeddings)
           mode (str): one of encode, decode, semantic, prompt.
         """
@@ -419,7 +426,10 @@ class SamAdapt(nn.Module):
             return self.encode(batch["images"], slices=batch.get("slices"))
         if mode == "semantic":
             return self.semantic(
-                batch["images"], slices=batch.get("slices"), low_res=bool(batch.get("low_res"))
+                batch["images"],
+                slices=batch.get("slices"),
+                low_res=bool(batch.get("low_res")),
+                embeddings=batch.get("embeddings"),
             )
         if mode == "decode":
             return self.decode(batch["embeddings"], **self._prompts(batch))

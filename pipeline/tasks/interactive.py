@@ -17,6 +17,7 @@ from pipeline.augment import Augmenter
 from pipeline.config import DataConfig, EvalConfig, PipelineConfig, TrainConfig
 from pipeline.data.stream import build_eval_loader, build_train_loader
 from pipeline.distributed import DistEnv
+from pipeline.embedding_cache import EmbeddingCache, build_embedding_cache
 from pipeline.evaluate import Example, validate_interactive
 from pipeline.steps import build_loss, interactive_step
 from pipeline.tasks.base import NonFiniteLoss, Task, to_host, with_epoch
@@ -52,6 +53,7 @@ class InteractiveTask(Task):
       engine: the ``pipeline.engine.Engine`` around a ``SamAdapt`` with head=sam.
       env: this process's place among the ranks.
       phases: the trainable phases, all updated by the first interaction step.
+      cache: a frozen encoder's embeddings (``train.embedding_cache``), or None.
     """
 
     def __init__(
@@ -65,8 +67,10 @@ class InteractiveTask(Task):
         engine: Any,
         env: DistEnv,
         phases: tuple[str, ...],
+        cache: EmbeddingCache | None = None,
     ) -> None:
         self.data, self.train, self.evaluation = data, train, evaluation
+        self.cache = cache
         self.image_size = image_size
         self.engine, self.env, self.phases = engine, env, phases
         # The step plan (box or point first, which step is mask-only, k) is the same on every
@@ -96,6 +100,7 @@ class InteractiveTask(Task):
             engine=engine,
             env=env,
             phases=phases,
+            cache=build_embedding_cache(cfg, engine),
         )
 
     def loader(self, epoch: int, *, split: str | None = None) -> Iterable[dict[str, Any]]:
@@ -122,6 +127,7 @@ class InteractiveTask(Task):
             click_generator=self.click_gen,
             phases=self.phases,
             loss_fn=self.loss_fn,
+            encode=self.cache,
         )
 
     def metrics(
@@ -129,7 +135,7 @@ class InteractiveTask(Task):
     ) -> dict[str, float]:
         """``loss`` (mean over the interaction steps), ``loss_step1..n``, the mean loss terms
         (``focal`` or ``bce``, ``dice``, ``iou``), ``first_prompt_point`` (1 = the first prompt
-        was a point)."""
+        was a point), and with a cache ``embedding_cache_hit_rate`` (over the run so far)."""
         host = to_host(outputs)
         steps = host["loss_steps"]
         if not torch.isfinite(steps).all():
@@ -143,6 +149,8 @@ class InteractiveTask(Task):
         for part in (self.loss_fn.pixel, "dice", "iou"):
             metrics[part] = float(host[part].mean())
         metrics["first_prompt_point"] = float(host["prompt_kind"])
+        if self.cache is not None:
+            metrics["embedding_cache_hit_rate"] = self.cache.hit_rate
         return metrics
 
     def validate(
@@ -154,4 +162,5 @@ class InteractiveTask(Task):
             prompts=tuple(self.evaluation.prompts),
             clicks=self.evaluation.clicks,
             keep=keep,
+            encode=self.cache,
         )

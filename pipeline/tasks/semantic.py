@@ -19,6 +19,7 @@ from pipeline.data.shards import read_class_map
 from pipeline.data.stream import build_eval_loader, build_train_loader
 from pipeline.data.volume import VolumeSliceDataset, build_volume_loader
 from pipeline.distributed import DistEnv
+from pipeline.embedding_cache import EmbeddingCache, build_embedding_cache
 from pipeline.evaluate import Example, validate_semantic
 from pipeline.model.config import ModelConfig
 from pipeline.steps import semantic_step
@@ -78,6 +79,7 @@ class SemanticTask(Task):
       engine: the ``pipeline.engine.Engine`` around a ``SamAdapt`` with a prompt-free head.
       env: this process's place among the ranks.
       phases: the trainable phases, all updated every step.
+      cache: a frozen encoder's embeddings (``train.embedding_cache``), or None.
     """
 
     def __init__(
@@ -90,8 +92,10 @@ class SemanticTask(Task):
         engine: Any,
         env: DistEnv,
         phases: tuple[str, ...],
+        cache: EmbeddingCache | None = None,
     ) -> None:
         self.data, self.model, self.train, self.seed = data, model, train, seed
+        self.cache = cache
         self.engine, self.env, self.phases = engine, env, phases
         # nothing random beyond the global RNGs the checkpoint keeps: augmentation draws per
         # sample from (data.seed, epoch, key)
@@ -115,6 +119,7 @@ class SemanticTask(Task):
             engine=engine,
             env=env,
             phases=phases,
+            cache=build_embedding_cache(cfg, engine),
         )
 
     def loader(self, epoch: int, *, split: str | None = None) -> Iterable[dict[str, Any]]:
@@ -162,16 +167,21 @@ class SemanticTask(Task):
             step=step,
             phases=self.phases,
             slices=self.model.slices,
+            encode=self.cache,
         )
 
     def metrics(
         self, outputs: dict[str, torch.Tensor], batch: dict[str, Any], *, step: int
     ) -> dict[str, float]:
-        """``loss``, ``ce`` and ``dice`` (the weighted total and its two terms)."""
+        """``loss``, ``ce`` and ``dice`` (the weighted total and its two terms), and with a cache
+        ``embedding_cache_hit_rate`` (over the run so far)."""
         host = to_host(outputs)
         if not torch.isfinite(host["loss"]):
             raise NonFiniteLoss(f"step {step}: non-finite loss on batch {batch.get('keys')}")
-        return {k: float(v) for k, v in host.items()}
+        metrics = {k: float(v) for k, v in host.items()}
+        if self.cache is not None:
+            metrics["embedding_cache_hit_rate"] = self.cache.hit_rate
+        return metrics
 
     def validate(
         self, loader: Iterable[dict[str, Any]], *, keep: int
@@ -182,4 +192,5 @@ class SemanticTask(Task):
             num_classes=self.model.num_classes,
             slices=self.model.slices,
             keep=keep,
+            encode=self.cache,
         )
