@@ -36,12 +36,16 @@ Loading a case:
   SegmentLabel. Multi-frame image series (enhanced CT/MR) are not supported.
 * class names: ``classes.json`` when present (ids it does not list reject the case), else the
   SEG segment labels, else ``label_<id>``.
+
+``read_series(folder)`` reads one series folder the same way without reorienting it (the
+(column, row, slice) grid and its affine, as stored): what ``samadapt predict`` reads.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -57,7 +61,7 @@ from sharding.readers.common import (
 )
 from sharding.records import RejectedInput, Unit, Volume
 
-__all__ = ["DicomReader"]
+__all__ = ["DicomReader", "DicomSeries", "read_series", "series_files"]
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +168,50 @@ def _ipp(ds: pydicom.Dataset, path: Path) -> np.ndarray:
         raise RejectedInput(str(path), "no valid ImagePositionPatient") from None
 
 
+def series_files(case_dir: Path) -> list[str]:
+    """The candidate DICOM files of a case folder (any depth, hidden folders skipped), sorted;
+    label files are not among them."""
+    files: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(case_dir):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(os.path.join(dirpath, f) for f in filenames if _is_candidate(f))
+    return sorted(files)
+
+
+@dataclass
+class DicomSeries:
+    """One series as stored, before any reorientation (what ``samadapt predict`` reads)."""
+
+    pixels: np.ndarray
+    """(K, rows, cols) float32, rescaled (HU for CT), slices sorted along the slice normal."""
+    affine: np.ndarray
+    """4x4 (column, row, slice) index -> RAS mm, from ImagePositionPatient,
+    ImageOrientationPatient and PixelSpacing (the reader's ``affine_crk``)."""
+    modality: str
+    """The Modality tag, normalised ("ct", "mr", ...; "" when absent)."""
+    rejections: list[dict] = field(default_factory=list)
+
+
+def read_series(case_dir: str | Path) -> DicomSeries:
+    """Read the series of one folder as ``DicomReader.load`` reads a case, without the
+    canonical reorientation and without labels.
+
+    Arguments:
+      case_dir: a folder holding one series (other series and DICOM-SEG files are left out).
+
+    Returns:
+      DicomSeries. Raises ``RejectedInput`` naming the folder or file for no files, unreadable
+      files, or a series whose geometry does not hold together.
+    """
+    case_dir = Path(case_dir)
+    files = [Path(p) for p in series_files(case_dir)]
+    if not files:
+        raise RejectedInput(str(case_dir), "no DICOM files in the folder")
+    geo, _, rejections = _scan(files, case_dir, case_dir.name)
+    modality = modality_name(str(geo.slices[0][1].get("Modality", "")))
+    return DicomSeries(geo.pixels(), geo.affine_crk, modality, rejections)
+
+
 class DicomReader:
     """``Reader`` of one-series-per-folder DICOM corpora (see the module docstring)."""
 
@@ -179,11 +227,7 @@ class DicomReader:
         for case_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             if case_dir.name.startswith("."):
                 continue
-            files: list[str] = []
-            for dirpath, dirnames, filenames in os.walk(case_dir):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                files.extend(os.path.join(dirpath, f) for f in filenames if _is_candidate(f))
-            files.sort()
+            files = series_files(case_dir)
             labels = [str(case_dir / n) for n in _LABEL_NAMES if (case_dir / n).is_file()]
             units.append(
                 Unit(
@@ -205,35 +249,7 @@ class DicomReader:
         files = [Path(p) for p in unit.paths if Path(p).name not in _LABEL_NAMES]
         if not files:
             raise RejectedInput(str(case_dir), "no DICOM files in the case folder")
-        rejections: list[dict] = []
-        series: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
-        segs: list[tuple[Path, pydicom.Dataset]] = []
-        for path in files:
-            ds = _read(path)
-            if str(ds.get("Modality", "")).upper() == _SEG:
-                segs.append((path, ds))
-            elif "PixelData" not in ds:
-                rejections.append({"unit": unit.id, "path": str(path), "reason": "no pixel data"})
-            elif int(ds.get("NumberOfFrames", 1) or 1) > 1:
-                raise RejectedInput(str(path), "multi-frame image files are not supported")
-            else:
-                series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
-        if not series:
-            raise RejectedInput(str(case_dir), "no image slices among the DICOM files")
-        ranked = sorted(series.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-        for uid, items in ranked[1:]:
-            rejections.append(
-                {
-                    "unit": unit.id,
-                    "path": str(items[0][0]),
-                    "reason": f"other series {uid} ({len(items)} files) ignored",
-                }
-            )
-        try:
-            geo = _Series(ranked[0][1], case_dir)
-        except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
-            reason = f"missing or invalid geometry tags ({type(exc).__name__}: {exc})"
-            raise RejectedInput(str(case_dir), reason) from None
+        geo, segs, rejections = _scan(files, case_dir, unit.id)
         first = geo.slices[0][1]
         modality = modality_name(self.cfg.modality) or modality_name(str(first.get("Modality", "")))
         krc = geo.pixels()
@@ -290,6 +306,43 @@ class DicomReader:
         if not np.allclose(lab_affine, affine, atol=_LABEL_ATOL):
             raise RejectedInput(str(path), "label grid (affine) differs from the DICOM series")
         return label
+
+
+def _scan(
+    files: list[Path], case_dir: Path, unit_id: str
+) -> tuple[_Series, list[tuple[Path, pydicom.Dataset]], list[dict]]:
+    """Read every file of a case folder: the series with the most slices (sorted, checked), the
+    DICOM-SEG files, and what was left out (other series, files without pixel data)."""
+    rejections: list[dict] = []
+    series: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    segs: list[tuple[Path, pydicom.Dataset]] = []
+    for path in files:
+        ds = _read(path)
+        if str(ds.get("Modality", "")).upper() == _SEG:
+            segs.append((path, ds))
+        elif "PixelData" not in ds:
+            rejections.append({"unit": unit_id, "path": str(path), "reason": "no pixel data"})
+        elif int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise RejectedInput(str(path), "multi-frame image files are not supported")
+        else:
+            series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
+    if not series:
+        raise RejectedInput(str(case_dir), "no image slices among the DICOM files")
+    ranked = sorted(series.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    for uid, items in ranked[1:]:
+        rejections.append(
+            {
+                "unit": unit_id,
+                "path": str(items[0][0]),
+                "reason": f"other series {uid} ({len(items)} files) ignored",
+            }
+        )
+    try:
+        geo = _Series(ranked[0][1], case_dir)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        reason = f"missing or invalid geometry tags ({type(exc).__name__}: {exc})"
+        raise RejectedInput(str(case_dir), reason) from None
+    return geo, segs, rejections
 
 
 def _read(path: Path) -> pydicom.Dataset:

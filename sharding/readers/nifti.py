@@ -41,7 +41,7 @@ from sharding.config import ShardingConfig
 from sharding.readers.common import integer_label, modality_name, to_zyx
 from sharding.records import RejectedInput, Unit, Volume
 
-__all__ = ["NiftiReader", "read_dataset_json"]
+__all__ = ["NiftiReader", "read_dataset_json", "read_stored"]
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +91,49 @@ def read_dataset_json(path: Path) -> dict:
     }
 
 
-def _load_nifti(path: Path, what: str) -> nib.Nifti1Image:
-    """Open a NIfTI file and reorient it to the closest canonical; RejectedInput on failure."""
+def _load_nifti(path: Path, what: str, *, canonical: bool = True) -> nib.Nifti1Image:
+    """Open a NIfTI file (channel 0) and, with ``canonical``, reorient it to the closest
+    canonical; RejectedInput naming the file on failure."""
     if not path.is_file():
         raise RejectedInput(str(path), f"{what} file does not exist")
     try:
         img = nib.load(str(path))
-        return nib.as_closest_canonical(_first_channel(img))
-    except RejectedInput:
-        raise
     except Exception as exc:  # nibabel / gzip / zlib raise many kinds for corrupt files
         reason = f"unreadable {what} NIfTI ({type(exc).__name__}: {exc})"
         raise RejectedInput(str(path), reason) from None
+    if len(img.shape) not in (3, 4):
+        raise RejectedInput(
+            str(path), f"expected a 3D (or 4D multi-channel) image, got shape {img.shape}"
+        )
+    try:
+        img = _first_channel(img)
+        return nib.as_closest_canonical(img) if canonical else img
+    except Exception as exc:
+        reason = f"unreadable {what} NIfTI ({type(exc).__name__}: {exc})"
+        raise RejectedInput(str(path), reason) from None
+
+
+def read_stored(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """One image file as stored, without the reorientation ``NiftiReader.load`` applies.
+
+    Arguments:
+      path: a ``.nii`` / ``.nii.gz`` file, 3D or 4D (channel 0 is read, as the reader does).
+
+    Returns:
+      ``(data, image)``: the (X, Y, Z) float32 voxels in stored order (scl_slope/inter applied)
+      and the channel-0 image (affine, header). Raises ``RejectedInput`` naming the file when it
+      is missing, unreadable, truncated, of another dimensionality, or has NaN/Inf voxels.
+    """
+    path = Path(path)
+    img = _load_nifti(path, "image", canonical=False)
+    return _finite(_read_data(img, path, np.float32), path), img
+
+
+def _finite(data: np.ndarray, path: Path) -> np.ndarray:
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise RejectedInput(str(path), f"image has {bad} NaN/Inf voxels")
+    return data
 
 
 def _first_channel(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
@@ -187,10 +218,7 @@ class NiftiReader:
             raise RejectedInput(unit.paths[0] if unit.paths else unit.id, "case not in corpus")
         image_path, label_path = cases[unit.id]
         img = _load_nifti(image_path, "image")
-        data_xyz = _read_data(img, image_path, np.float32)
-        if not np.isfinite(data_xyz).all():
-            bad = int((~np.isfinite(data_xyz)).sum())
-            raise RejectedInput(str(image_path), f"image has {bad} NaN/Inf voxels")
+        data_xyz = _finite(_read_data(img, image_path, np.float32), image_path)
         image, affine, spacing = to_zyx(data_xyz, img.affine)
         label = None
         if label_path is not None:
