@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -389,6 +390,87 @@ def _eval(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# samadapt predict
+# --------------------------------------------------------------------------------------------
+
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samadapt predict",
+        description="Label NIfTI files, DICOM series folders and PNG/JPEG images with a trained "
+        "model: a label volume in each input's geometry (NIfTI), or PNG masks of the original "
+        "size, plus optional overlays.",
+    )
+    parser.add_argument("config", help="the run's config YAML (RUN_DIR/config.yaml)")
+    parser.add_argument("model", help="checkpoint folder (RUN_DIR/checkpoints/step-N) or export")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="NIfTI file, DICOM series folder, image, or a folder of NIfTI files / images; "
+        "key=value arguments (that are not files) override the config",
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--prompts", default=None, help="prompts JSON (promptable heads)")
+    parser.add_argument("--overlays", action="store_true", help="also write overlay PNGs")
+    parser.add_argument(
+        "--classes", default=None, help="prompt-free heads: class ids to write, e.g. 1,3"
+    )
+    parser.add_argument("--modality", default="", help="ct, mr, ... for inputs that state none")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: GPU if any)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _predict(argv: list[str]) -> int:
+    """``samadapt predict CONFIG MODEL INPUT... --out DIR [--prompts JSON] [--overlays] ...``:
+    see ``pipeline/predict/run.py``. Exit 2 with one line for a bad model, prompts file or
+    option; 1 when some inputs failed (each listed with one line, the others written)."""
+    args = _predict_parser().parse_intermixed_args(argv)
+    overrides = [a for a in args.inputs if _OVERRIDE.match(a) and not Path(a).exists()]
+    inputs = [a for a in args.inputs if a not in overrides]
+    if not inputs:
+        return _fail("predict", "no INPUT given", 2)
+    try:
+        classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    except ValueError:
+        return _fail("predict", f"--classes: expected ids like 1,3, got {args.classes!r}", 2)
+    cfg = load_config(args.config, overrides)
+    from pipeline.model import WeightsError
+    from pipeline.predict.run import predict
+
+    try:
+        result = predict(
+            cfg,
+            args.model,
+            inputs,
+            sharding=cfg.sharding,
+            out=args.out,
+            prompts=args.prompts,
+            overlays=args.overlays,
+            classes=classes,
+            modality=args.modality,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+    except ConfigError:
+        raise  # main's one-line "config error"
+    except (ValueError, WeightsError, OSError) as err:
+        return _fail("predict", err, 2)
+    print(f"{len(result.written)} labelled, written to {result.out}")
+    for failure in result.failures:
+        print(f"samadapt predict: {failure.message}", file=sys.stderr)
+    if result.failures:
+        n = len(result.failures)
+        return _fail("predict", f"{n} of {n + len(result.written)} inputs failed (listed above)", 1)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # Dispatch
 # --------------------------------------------------------------------------------------------
 
@@ -400,6 +482,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "model-info": (_model_info, "parameters per model part (total / trainable)"),
     "export": (_export, "write a model's trained tensors + config (small)"),
     "eval": (_eval, "score a trained model: protocols, baselines, report, MLflow"),
+    "predict": (_predict, "label NIfTI / DICOM / images with a trained model"),
 }
 
 
