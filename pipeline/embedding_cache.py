@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def encoder_fingerprint(state: dict[str, torch.Tensor], settings: dict[str, Any]
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -114,7 +115,7 @@ class EmbeddingCache:
         """The key of one image or stack: blake2b of its exact pixels, dtype and shape."""
         host = images.detach().to("cpu").contiguous()
         h = hashlib.blake2b(f"{host.dtype}:{tuple(host.shape)}".encode(), digest_size=20)
-        h.update(host.view(torch.uint8).numpy().tobytes())
+        h.update(host.reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def _path(self, key: str) -> Path:
@@ -188,6 +189,48 @@ class EmbeddingCache:
         return torch.cat([f.to(device, self.dtype or f.dtype) for f in found])
 
 
+def _settings(cfg: PipelineConfig) -> dict[str, Any]:
+    settings = {k: getattr(cfg.model, k) for k in _ENCODER_SETTINGS}
+    settings["precision"] = cfg.train.precision
+    return settings
+
+
+def _root(cfg: PipelineConfig, fingerprint: str) -> Path:
+    return Path(cfg.run_dir) / "embedding_cache" / fingerprint[:16]
+
+
+def model_encoders(cfg: PipelineConfig, models: dict[str, Any]) -> dict[str, Callable[..., Any]]:
+    """``encode`` callables for the models of ``samadapt eval`` (one process, no engine).
+
+    Models whose frozen encoders hold the same weights (a trained decoder and its untrained
+    base) share one cache, so each image is encoded once for all of them; with
+    ``train.embedding_cache=disk`` it is the training run's own folder (the same fingerprint),
+    so a split the run validated on is not encoded again.
+
+    Arguments:
+      cfg: the run's config.
+      models: ``SamAdapt`` models by name, in eval mode on their device.
+
+    Returns:
+      dict: name -> ``encode(images, slices=1)`` (the model's own ``encode`` when the cache is
+      off for this config).
+    """
+    mode = cache_mode(cfg)
+    if mode == "none":
+        return {name: model.encode for name, model in models.items()}
+    shared: dict[str, EmbeddingCache] = {}
+    out: dict[str, Callable[..., Any]] = {}
+    for name, model in models.items():
+        state = {k: v for k, v in model.state_dict().items() if k.startswith("image_encoder.")}
+        fingerprint = encoder_fingerprint(state, _settings(cfg))
+        if fingerprint not in shared:
+            root = _root(cfg, fingerprint) if mode == "disk" else None
+            max_bytes = int(cfg.train.embedding_cache_gb * 1e9)
+            shared[fingerprint] = EmbeddingCache(model, max_bytes=max_bytes, root=root)
+        out[name] = shared[fingerprint]
+    return out
+
+
 def build_embedding_cache(cfg: PipelineConfig, engine: Any) -> EmbeddingCache | None:
     """The cache ``train.embedding_cache`` asks for (None = none), logging what it chose.
 
@@ -201,9 +244,7 @@ def build_embedding_cache(cfg: PipelineConfig, engine: Any) -> EmbeddingCache | 
     if mode == "disk":
         state = {k: v for k, v in engine.frozen_state_dict().items()
                  if k.startswith("image_encoder.")}  # fmt: skip
-        settings = {k: getattr(cfg.model, k) for k in _ENCODER_SETTINGS}
-        settings["precision"] = cfg.train.precision
-        root = Path(cfg.run_dir) / "embedding_cache" / encoder_fingerprint(state, settings)[:16]
+        root = _root(cfg, encoder_fingerprint(state, _settings(cfg)))
     log.info(
         "embedding cache: %s%s (the encoder is frozen: each distinct image is encoded once; "
         "train.embedding_cache=none to encode every time)",

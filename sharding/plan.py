@@ -53,6 +53,7 @@ __all__ = [
     "plan_order",
     "plan_settings",
     "split_of",
+    "unit_split",
 ]
 
 log = logging.getLogger(__name__)
@@ -176,14 +177,18 @@ def _split_units(ordered: Sequence[Unit], cfg: ShardingConfig) -> dict[str, list
     """Units by split, each split in the order of ``ordered``."""
     by_split: dict[str, list[Unit]] = {s: [] for s in SPLITS}
     for unit in ordered:
-        split = split_of(
-            unit.dataset,
-            unit.case_id,
-            val_fraction=cfg.val_fraction,
-            test_fraction=cfg.test_fraction,
-        )
-        by_split[split].append(unit)
+        by_split[unit_split(unit, cfg)].append(unit)
     return by_split
+
+
+def unit_split(unit: Unit, cfg: ShardingConfig) -> str:
+    """The split of ``unit``: the one its corpus assigns (``Unit.split``, e.g. nnU-Net's
+    imagesTs/), else ``split_of`` its case."""
+    if unit.split:
+        return unit.split
+    return split_of(
+        unit.dataset, unit.case_id, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction
+    )
 
 
 def split_of(dataset: str, case_id: str, *, val_fraction: float, test_fraction: float) -> str:

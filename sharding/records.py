@@ -41,6 +41,9 @@ class Unit:
     paths: tuple[str, ...] = ()
     """Files the unit reads (image first); informative, and for error messages."""
     modality: str = ""
+    split: str = ""
+    """The split the corpus itself assigns (nnU-Net's imagesTs/ = "test"); "" = decided by the
+    hash of (dataset, case_id)."""
 
 
 @dataclass

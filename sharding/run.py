@@ -33,7 +33,7 @@ from tqdm import tqdm
 from sharding.config import ShardingConfig
 from sharding.format import SPLITS
 from sharding.manifest import finalize
-from sharding.plan import Plan, ShardSpec, load_or_create_plan, split_of
+from sharding.plan import Plan, ShardSpec, load_or_create_plan, unit_split
 from sharding.readers import FORMATS, get_reader
 from sharding.records import Reader, RejectedInput
 from sharding.volumes import finalize_volumes
@@ -228,12 +228,7 @@ def run_shard(
     output.mkdir(parents=True, exist_ok=True)
 
     def bytes_per_unit(sample: list) -> float:
-        splits = {
-            u.id: split_of(
-                u.dataset, u.case_id, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction
-            )
-            for u in sample
-        }
+        splits = {u.id: unit_split(u, cfg) for u in sample}
         return estimate_unit_bytes(reader, sample, splits=splits, cfg=cfg)
 
     plan = load_or_create_plan(

@@ -127,3 +127,14 @@ def test_training_with_the_cache_gives_the_uncached_losses(small_shards, tmp_pat
     # 64 training images of a 40-image split (the stream wraps into its next epoch) and the
     # validation split scored twice: a part of the encodes came from the cache
     assert cached["embedding_cache_hit_rate"][8] > 0.2
+
+
+def test_fingerprint_covers_every_tensor_kind():
+    from pipeline.embedding_cache import encoder_fingerprint
+
+    base = {"w": torch.ones(2, 2), "bn.num_batches_tracked": torch.tensor(3)}  # 0-dim int64
+    same = encoder_fingerprint(base, {"image_size": 256})
+    assert same == encoder_fingerprint(dict(base), {"image_size": 256})
+    assert same != encoder_fingerprint({**base, "bn.num_batches_tracked": torch.tensor(4)},
+                                       {"image_size": 256})  # fmt: skip
+    assert same != encoder_fingerprint(base, {"image_size": 128})

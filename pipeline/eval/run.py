@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from pipeline.config import PipelineConfig
+from pipeline.embedding_cache import EmbeddingCache, model_encoders
 from pipeline.eval.models import Loaded, base_model, load_trained
 from pipeline.eval.protocols import (
     Trace,
@@ -102,9 +103,15 @@ def _mask_infos(batch: dict, valid: torch.Tensor, *, size: int, resize: str) -> 
 
 
 def _traces(
-    model: Any, data: dict, *, clicks: int, iter_point: int, generator: torch.Generator
+    model: Any,
+    data: dict,
+    *,
+    clicks: int,
+    iter_point: int,
+    generator: torch.Generator,
+    encode: Callable[..., torch.Tensor],
 ) -> list[Trace]:
-    embeddings = model.encode(data["image"])
+    embeddings = encode(data["image"])
     truth = data["truth"]
     cvpr = run_cvpr(model, embeddings, data["image_index"], data["boxes"], truth, clicks=clicks)
     # SAM-Med2D's box prompt is the CVPR protocol's first pass (box only): not decoded twice
@@ -196,6 +203,9 @@ def evaluate(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     trained = load_trained(cfg, model_path)
     models = {"trained": trained.model.to(dev), "untrained": base_model(cfg).to(dev)}
+    # a frozen encoder shared by both models runs once per image (and not at all for images
+    # the training run already encoded into its disk cache)
+    encoders = model_encoders(cfg, models)
     model_path = Path(model_path)
     out = Path(out) if out else Path(cfg.run_dir) / "eval" / f"{model_path.stem}-{split}"
 
@@ -209,12 +219,28 @@ def evaluate(
         tolerance=tolerance,
         resize=resize,
         dev=dev,
+        encoders=encoders,
     )
     if not rows:
         raise ValueError(f"split {split!r} ({name}) of {cfg.data.shards} holds no masks")
     rows += auc_rows([r for r in rows if r.model != "baseline"])
     summary = summary_rows(rows)
-    overlays = _overlays(cfg, models["trained"], rows, name, max_samples, clicks=clicks, dev=dev)
+    overlays = _overlays(
+        cfg,
+        models["trained"],
+        rows,
+        name,
+        max_samples,
+        clicks=clicks,
+        dev=dev,
+        encode=encoders["trained"],
+    )
+    caches = {id(e): e for e in encoders.values() if isinstance(e, EmbeddingCache)}
+    for cache in caches.values():
+        log.info(
+            "image embeddings: %d computed, %d from the cache (%s)",
+            cache.misses, cache.hits, cache.root or "memory",
+        )  # fmt: skip
     info = _info(cfg, trained, model_path, split, name, images, rows, clicks, iter_point, tolerance)
     result = EvalResult(out=out, report=out / "report.md", rows=rows, summary=summary)
     result.files = write_report(out, rows=rows, summary=summary, info=info, overlays=overlays)
@@ -235,6 +261,7 @@ def _score_split(
     tolerance: float,
     resize: str,
     dev: torch.device,
+    encoders: dict[str, Callable[..., torch.Tensor]],
 ) -> tuple[list[Row], int]:
     """First pass: every protocol of every model, and the baselines, scored per mask.
 
@@ -254,7 +281,14 @@ def _score_split(
             infos = _mask_infos(batch, valid, size=size, resize=resize)
             truth = data["truth"].cpu().numpy()
             runs = {
-                k: _traces(m, data, clicks=clicks, iter_point=iter_point, generator=generators[k])
+                k: _traces(
+                    m,
+                    data,
+                    clicks=clicks,
+                    iter_point=iter_point,
+                    generator=generators[k],
+                    encode=encoders[k],
+                )
                 for k, m in models.items()
             }
             runs["baseline"] = _baseline_traces(data)
@@ -332,6 +366,7 @@ def _overlays(
     *,
     clicks: int,
     dev: torch.device,
+    encode: Callable[..., torch.Tensor],
 ) -> list[Overlay]:
     """Second pass: the trained model's final CVPR prediction of the chosen masks."""
     chosen = _chosen(rows)
@@ -343,7 +378,7 @@ def _overlays(
                 continue
             data, valid = _device_batch(batch, dev)
             infos = _mask_infos(batch, valid, size=cfg.model.image_size, resize="square")
-            embeddings = model.encode(data["image"])
+            embeddings = encode(data["image"])
             trace = run_cvpr(
                 model, embeddings, data["image_index"], data["boxes"], data["truth"], clicks=clicks
             )

@@ -9,9 +9,12 @@ Layout::
                           "label": "./labelsTr/x.nii.gz"}, ...]}
     ROOT/imagesTr/        nnU-Net v2: CASE_0000.nii.gz (channel 0); MSD: CASE.nii.gz
     ROOT/labelsTr/        CASE.nii.gz
+    ROOT/imagesTs/        optional held-out cases, named as in imagesTr/; with ROOT/labelsTs/
+                          their labels. They go to the test split whatever the fractions say.
 
 Cases: the ``training`` list when dataset.json has one (MSD), else every
-``imagesTr/*_0000<file_ending>`` (nnU-Net v2), else every ``imagesTr/*<file_ending>``. Names
+``imagesTr/*_0000<file_ending>`` (nnU-Net v2), else every ``imagesTr/*<file_ending>``; then the
+same rule in ``imagesTs/`` (a case id in both folders is refused). Names
 starting with ``.`` (macOS ``._`` files shipped in MSD archives) are skipped. Case id = the file
 name without ``file_ending`` and without the ``_0000`` channel suffix; unit id = case id. Only
 channel 0 is read (the first file of a multi-channel nnU-Net case, ``[..., 0]`` of a 4D MSD image).
@@ -164,6 +167,26 @@ class NiftiReader:
         self.modality = modality_name(cfg.modality) or modality_name(self.meta["modality"])
         self.modality = self.modality or "unknown"
         self._cases: dict[str, tuple[Path, Path | None]] | None = None
+        self._held_out: set[str] = set()
+
+    def _folder_cases(
+        self, images_dir: Path, labels_dir: Path
+    ) -> dict[str, tuple[Path, Path | None]]:
+        """Cases of one imagesXx/ folder (channel-0 files, or every file), with their label file
+        in ``labels_dir`` when that folder exists."""
+        ending = self.meta["file_ending"]
+        has_labels = labels_dir.is_dir()
+        files = sorted(
+            p
+            for p in images_dir.iterdir()
+            if p.name.endswith(ending) and not p.name.startswith(".")
+        )
+        channel0 = [p for p in files if p.name[: -len(ending)].endswith("_0000")]
+        cases: dict[str, tuple[Path, Path | None]] = {}
+        for image in channel0 or files:
+            case = _case_id(image.name, ending)
+            cases[case] = (image, labels_dir / f"{case}{ending}" if has_labels else None)
+        return cases
 
     def _list_cases(self) -> dict[str, tuple[Path, Path | None]]:
         if self._cases is not None:
@@ -182,15 +205,17 @@ class NiftiReader:
             images_dir = self.root / "imagesTr"
             if not images_dir.is_dir():
                 raise ValueError(f"{images_dir}: folder not found (nnU-Net / MSD layout)")
-            files = sorted(
-                p
-                for p in images_dir.iterdir()
-                if p.name.endswith(ending) and not p.name.startswith(".")
-            )
-            channel0 = [p for p in files if p.name[: -len(ending)].endswith("_0000")]
-            for image in channel0 or files:
-                case = _case_id(image.name, ending)
-                cases[case] = (image, labels_dir / f"{case}{ending}" if has_labels else None)
+            cases = self._folder_cases(images_dir, labels_dir)
+        if (self.root / "imagesTs").is_dir():
+            held_out = self._folder_cases(self.root / "imagesTs", self.root / "labelsTs")
+            both = sorted(set(held_out) & set(cases))
+            if both:
+                raise ValueError(
+                    f"{self.root}: case {both[0]!r} is in imagesTr/ and imagesTs/ "
+                    f"({len(both)} such cases): a case is either trained on or held out"
+                )
+            cases.update(held_out)
+            self._held_out = set(held_out)
         if not cases:
             raise ValueError(f"{self.root}: no cases found in dataset.json or imagesTr/")
         if not has_labels and not self.meta["training"]:
@@ -207,6 +232,7 @@ class NiftiReader:
                 case_id=case,
                 paths=(str(image),) + ((str(label),) if label else ()),
                 modality=self.modality,
+                split="test" if case in self._held_out else "",
             )
             for case, (image, label) in self._list_cases().items()
         ]
