@@ -13,7 +13,9 @@ Output folder of ``samadapt shard``::
     OUT/rejected.jsonl            one line per rejected input or mask: {"unit", "path", "reason"}
     OUT/volumes/{dataset}.zarr    Zarr v3 store, one group per case (3D inputs only)
 
-One sample (one 2D image or one slice of a volume), keyed ``dataset/case/slice``:
+One sample (one 2D image or one slice of a volume), keyed ``dataset/case/slice`` (dataset and
+case by ``safe_name``: kept when plain ASCII, else a slug plus a short hash, so distinct names
+never share a key; the original names are in ``KEY.json``):
 
     KEY.img   the image: a 16-byte header (magic ``SIMG``, H, W, C as little-endian uint32)
               followed by Blosc-zstd of the raw uint8 pixels, (H, W) when C = 1, (H, W, 3) RGB
@@ -40,7 +42,7 @@ by ``pipeline/data/volume.py``; the names below are this module's constants)::
     {dataset}.zarr/               root group, consolidated metadata
       attrs["cases"]              the index: {GROUP: {"case_id", "shape" [Z, H, W], "split",
                                   "spacing"}} (written last, when every shard is done)
-      {GROUP}/                    one group per case (the case id made path-safe)
+      {GROUP}/                    one group per case (``safe_name`` of the case id)
         image  (Z, H, W)          raw intensities: int16 when exact (HU), else float32; chunks
                                   (1, H, W), Blosc-zstd + bit shuffle
         label  (Z, H, W)          integer label map (the smallest of uint8 / uint16 / uint32
@@ -61,8 +63,11 @@ Format versions (``format_version`` of manifest.json, plan.json and the sidecars
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
 import struct
+import unicodedata
 
 import numpy as np
 from numcodecs import Blosc
@@ -85,6 +90,7 @@ __all__ = [
     "decode_masks",
     "encode_image",
     "encode_masks",
+    "safe_name",
     "sample_key",
     "shard_name",
 ]
@@ -112,15 +118,50 @@ _IMAGE_HEADER = struct.Struct("<4sIII")  # magic, h, w, c
 # the start of a Blosc frame: version, versionlz, flags, typesize, nbytes, blocksize, cbytes
 _BLOSC_HEADER = struct.Struct("<BBBBIII")
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_\-]+")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
+NAME_HASH_LENGTH = 8
+"""Hex digits of the sha1 that ``safe_name`` appends to a name it had to change."""
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}"
 
 
+@functools.lru_cache(maxsize=1 << 16)  # called per sample with the names of a few cases
+def safe_name(name: str) -> str:
+    """The form of a dataset or case name in sample keys and Zarr paths: ASCII letters, digits,
+    ``_`` and ``-`` only, so it is a valid WebDataset key part (no dots), file name and Zarr
+    group name.
+
+    A name that already is such a form (and starts with a letter or digit) is kept as it is. Any
+    other name becomes a readable slug plus ``-`` and the first ``NAME_HASH_LENGTH`` hex digits of
+    the sha1 of the name (UTF-8): accents are dropped, every other run of characters outside the
+    set becomes ``_``, and ``_`` / ``-`` are trimmed at both ends (``case 1`` ->
+    ``case_1-<hash>``, ``Müller`` -> ``Muller-<hash>``, ``王五_001`` -> ``001-<hash>``, ``王五`` ->
+    ``<hash>``). So distinct names keep distinct forms (``case 1`` and ``case_1``, or two names
+    in Chinese, no longer meet in one key), the same name always gets the same form, and plain
+    names keep the keys and groups they always had. The original name is stored beside it (the
+    sample's JSON, the Zarr group's attrs); ``sharding.plan.make_plan`` refuses the rare corpus
+    in which two names still meet.
+
+    Arguments:
+      name: the name as the reader gives it.
+
+    Returns:
+      ``name``, or its slug and hash as above.
+    """
+    if _PLAIN_NAME.fullmatch(name):
+        return name
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = _KEY_SAFE.sub("_", ascii_name).strip("_-")
+    digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:NAME_HASH_LENGTH]
+    return f"{slug}-{digest}" if slug else digest
+
+
 def sample_key(dataset: str, case_id: str, slice_index: int) -> str:
-    """A WebDataset key: no dots (WebDataset splits the extension at the first dot)."""
-    parts = [_KEY_SAFE.sub("_", dataset), _KEY_SAFE.sub("_", case_id)]
+    """A WebDataset key ``dataset/case/slice``, names by ``safe_name`` (no dots: WebDataset
+    splits the extension at the first dot)."""
+    parts = [safe_name(dataset), safe_name(case_id)]
     parts.append("2d" if slice_index < 0 else f"z{slice_index:05d}")
     return "/".join(parts)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from sharding.config import ShardingConfig
 from sharding.files import atomic_write_text
-from sharding.format import FORMAT_VERSION, SPLITS, shard_name
+from sharding.format import FORMAT_VERSION, SPLITS, safe_name, shard_name
 from sharding.records import Unit
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "Plan",
     "PlanMismatch",
     "ShardSpec",
+    "check_names",
     "load_or_create_plan",
     "make_plan",
     "order_key",
@@ -210,6 +211,24 @@ def split_of(dataset: str, case_id: str, *, val_fraction: float, test_fraction: 
     return "train"
 
 
+def check_names(units: Iterable[Unit]) -> None:
+    """Raise ``ValueError`` when two distinct dataset names, or two distinct case ids of one
+    dataset, have the same ``format.safe_name`` (sample keys and Zarr groups would be shared:
+    one would be lost). Only a hash collision, or a plain name that equals another name's
+    slug-and-hash, can do it; the message names both so one can be renamed."""
+    seen: dict[tuple[str, ...], str] = {}
+    for unit in units:
+        for where, name in (((), unit.dataset), ((safe_name(unit.dataset),), unit.case_id)):
+            slot = (*where, safe_name(name))
+            other = seen.setdefault(slot, name)
+            if other != name:
+                kind = "dataset names" if not where else f"case ids of dataset {unit.dataset!r}"
+                raise ValueError(
+                    f"{kind} {other!r} and {name!r} both map to the key part {slot[-1]!r} "
+                    f"(unit {unit.id}): rename one of them"
+                )
+
+
 def plan_settings(fmt: str, cfg: ShardingConfig) -> dict:
     """Every setting that changes the shards' content or layout (checked again on reruns)."""
     values = dataclasses.asdict(cfg)
@@ -245,6 +264,7 @@ def make_plan(
     dupes = sorted({i for i, j in zip(ids, ids[1:], strict=False) if i == j})
     if dupes:
         raise PlanMismatch(f"the reader listed unit ids more than once: {dupes[:5]}")
+    check_names(by_id)
     per_shard = cfg.inputs_per_shard
     if per_shard == 0:
         per_shard = _estimate_per_shard(by_id, cfg=cfg, bytes_per_unit=bytes_per_unit)

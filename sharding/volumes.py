@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import warnings
@@ -41,6 +40,7 @@ from sharding.format import (
     INTENSITY_ATTR,
     LABEL_ARRAY,
     VOLUMES_DIR,
+    safe_name,
 )
 from sharding.intensity import intensity_record
 from sharding.records import Volume
@@ -50,23 +50,18 @@ __all__ = ["case_group_name", "finalize_volumes", "store_path", "write_case"]
 log = logging.getLogger(__name__)
 
 _TMP_DIR = ".tmp"
-_SAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 _INT16 = np.iinfo(np.int16)
 
 
-def _safe(name: str) -> str:
-    out = _SAFE.sub("_", name).strip("_")
-    return out or "unnamed"
-
-
 def store_path(output: str | os.PathLike, dataset: str) -> Path:
-    """``OUT/volumes/{dataset}.zarr`` (dataset name made path-safe)."""
-    return Path(output) / VOLUMES_DIR / f"{_safe(dataset)}.zarr"
+    """``OUT/volumes/{dataset}.zarr``, the dataset name by ``format.safe_name``."""
+    return Path(output) / VOLUMES_DIR / f"{safe_name(dataset)}.zarr"
 
 
 def case_group_name(case_id: str) -> str:
-    """The group name of a case (path-safe; Zarr names may not start with '__')."""
-    return _safe(case_id).lstrip("_") or "case"
+    """The group name of a case: ``format.safe_name`` of its id (the sample keys' case part;
+    never starts with ``_``, which Zarr reserves as ``__``)."""
+    return safe_name(case_id)
 
 
 def _compressors(cfg: ShardingConfig) -> BloscCodec:
@@ -129,8 +124,15 @@ def write_case(
     """
     store = store_path(output, volume.dataset)
     group = store / case_group_name(volume.case_id)
-    if (group / "zarr.json").exists():
-        return group  # complete: groups only appear by rename
+    if (group / "zarr.json").exists():  # complete: groups only appear by rename
+        held = _read_json(group / "zarr.json").get("attributes", {}).get("case_id")
+        if held != volume.case_id:
+            # never let one case stand for another (names that met in one group lost a volume)
+            raise ValueError(
+                f"{group} holds case {held!r}, not {volume.case_id!r} ({volume.source}): two "
+                "case names map to one group name"
+            )
+        return group
     store.parent.mkdir(parents=True, exist_ok=True)
     _ensure_store(store)
     host = socket.gethostname()
