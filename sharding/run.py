@@ -11,39 +11,40 @@ array:
 
 Whichever run finds every shard of the plan complete (also a rerun with nothing left to do)
 writes manifest.json, summary.json, rejected.jsonl and indexes the Zarr volumes.
+
+Runs may share an output folder, also with overlapping ranges (``sharding/locks.py``): a shard
+another run is writing is skipped at first and waited for at the end, so every run ends with its
+range complete, and the shards are the bytes a single run writes.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import multiprocessing
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from contextlib import contextmanager
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from sharding.config import ShardingConfig
-from sharding.format import SPLITS
+from sharding.locks import output_lock, shard_lock
 from sharding.manifest import finalize
 from sharding.plan import Plan, ShardSpec, load_or_create_plan, unit_split
 from sharding.readers import FORMATS, get_reader
 from sharding.records import Reader, RejectedInput
 from sharding.volumes import finalize_volumes
-from sharding.writer import estimate_unit_bytes, read_sidecar, write_shard
+from sharding.writer import estimate_unit_bytes, read_sidecar, stale_tmps, write_shard
 
 __all__ = ["RunResult", "run_shard"]
 
 log = logging.getLogger(__name__)
-
-_LOCK_FILE = ".finalize.lock"
 
 
 @dataclass
@@ -95,27 +96,57 @@ def _task_reader(reader: Reader, spec: ShardSpec) -> Reader:
 
 
 def _work(
-    reader: Reader, spec: ShardSpec, cfg: ShardingConfig, output: str
-) -> tuple[int, int, int]:
-    side = write_shard(reader, spec, output=Path(output), cfg=cfg)
-    return spec.index, side["samples"], side["counts"]["rejected"]
+    reader: Reader, spec: ShardSpec, cfg: ShardingConfig, output: str, wait: bool
+) -> int | None:
+    side = write_shard(reader, spec, output=Path(output), cfg=cfg, wait=wait)
+    return None if side is None else side["samples"]
 
 
 def _resolve_workers(workers: int) -> int:
     return workers if workers > 0 else (os.cpu_count() or 1)
 
 
+def _pool_round(
+    pool: ProcessPoolExecutor,
+    specs: list[ShardSpec],
+    *,
+    reader: Reader,
+    output: Path,
+    cfg: ShardingConfig,
+    wait: bool,
+    advance: Callable[[int], None],
+) -> list[ShardSpec]:
+    """Write ``specs`` in the pool; returns those another run held (only with ``wait=False``)."""
+    futures = {
+        pool.submit(_work, _task_reader(reader, spec), spec, cfg, str(output), wait): spec
+        for spec in specs
+    }
+    pending, busy = set(futures), []
+    while pending:
+        done, pending = wait_for(pending, return_when=FIRST_EXCEPTION)
+        for fut in done:
+            if fut.exception() is not None:
+                for other in pending:
+                    other.cancel()
+                raise fut.exception()
+            if fut.result() is None:
+                busy.append(futures[fut])
+            else:
+                advance(fut.result())
+    return sorted(busy, key=lambda spec: spec.index)
+
+
 def _write_all(
     todo: list[ShardSpec],
     *,
     reader: Reader,
-    fmt: str,
-    input_path: str,
     output: Path,
     cfg: ShardingConfig,
     workers: int,
     progress: bool,
 ) -> None:
+    """Write ``todo``: first every shard no other run holds, then wait for the others (each is
+    then complete, or written here when the run that held it died)."""
     bar = tqdm(total=len(todo), unit="shard", disable=not progress, file=sys.stderr)
     start, samples = time.monotonic(), 0
 
@@ -125,9 +156,21 @@ def _write_all(
         bar.update(1)
         bar.set_postfix_str(f"{samples / max(time.monotonic() - start, 1e-9):.1f} samples/s")
 
+    def held_elsewhere(busy: list[ShardSpec]) -> None:
+        if busy:
+            log.info("%d shards are held by another run: waiting for them", len(busy))
+
     try:
         if workers <= 1 or len(todo) <= 1:
+            busy = []
             for spec in todo:
+                side = write_shard(reader, spec, output=output, cfg=cfg, wait=False)
+                if side is None:
+                    busy.append(spec)
+                else:
+                    advance(side["samples"])
+            held_elsewhere(busy)
+            for spec in busy:
                 advance(write_shard(reader, spec, output=output, cfg=cfg)["samples"])
             return
         ctx = multiprocessing.get_context("spawn")
@@ -136,19 +179,10 @@ def _write_all(
             mp_context=ctx,
             initializer=_init_worker,
         ) as pool:
-            futures = [
-                pool.submit(_work, _task_reader(reader, spec), spec, cfg, str(output))
-                for spec in todo
-            ]
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    if fut.exception() is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise fut.exception()
-                    advance(fut.result()[1])
+            job = {"reader": reader, "output": output, "cfg": cfg, "advance": advance}
+            busy = _pool_round(pool, todo, wait=False, **job)
+            held_elsewhere(busy)
+            _pool_round(pool, busy, wait=True, **job)
     finally:
         bar.close()
 
@@ -158,28 +192,26 @@ def _write_all(
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _finalize_lock(output: Path) -> Iterator[None]:
-    """Serialise finalization between runs sharing OUTPUT (job-array tasks finishing together)."""
-    fh = open(output / _LOCK_FILE, "a")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError:  # file systems without flock: finalization is idempotent anyway
-            pass
-        yield
-    finally:
-        fh.close()
-
-
-def _finalize(output: Path, plan: Plan) -> dict:
-    with _finalize_lock(output):
-        sidecars = [read_sidecar(spec, output) for spec in plan.shards]
-        # every shard is complete, so temp files left here are from killed runs
-        for folder in (output, *(output / split for split in SPLITS)):
-            for stale in folder.glob("*.tmp-*"):
-                if stale.is_file():
+def _finalize(output: Path, plan: Plan) -> dict | None:
+    """Under the output lock: clean up temp files left by killed runs, index the Zarr volumes,
+    write manifest.json, summary.json and rejected.jsonl; None when a shard is not complete after
+    all (another run took it back to rewrite it)."""
+    with output_lock(output):
+        sidecars = []
+        for spec in plan.shards:
+            side = read_sidecar(spec, output)
+            if side is None:
+                return None
+            sidecars.append(side)
+        for spec in plan.shards:
+            # a shard whose lock is free has no writer: its temp files are from killed runs
+            with shard_lock(output, spec.name, wait=False) as held:
+                for stale in stale_tmps(spec, output) if held else ():
                     stale.unlink(missing_ok=True)
+        # plan.json and the files written here are only written under the output lock
+        for stale in output.glob("*.tmp-*"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
         finalize_volumes(output)
         return finalize(output, plan, sidecars)
 
@@ -231,9 +263,10 @@ def run_shard(
         splits = {u.id: unit_split(u, cfg) for u in sample}
         return estimate_unit_bytes(reader, sample, splits=splits, cfg=cfg)
 
-    plan = load_or_create_plan(
-        output, units, fmt=fmt, input_path=input_path, cfg=cfg, bytes_per_unit=bytes_per_unit
-    )
+    with output_lock(output):  # two runs starting together make one plan, not two
+        plan = load_or_create_plan(
+            output, units, fmt=fmt, input_path=input_path, cfg=cfg, bytes_per_unit=bytes_per_unit
+        )
     selected = plan.select(shard_range)
     todo = [spec for spec in selected if read_sidecar(spec, output) is None]
     log.info(
@@ -242,8 +275,6 @@ def run_shard(
     _write_all(
         todo,
         reader=reader,
-        fmt=fmt,
-        input_path=input_path,
         output=output,
         cfg=cfg,
         workers=_resolve_workers(cfg.workers if workers is None else workers),

@@ -19,6 +19,8 @@ writes byte-identical tars, so sha256 in the sidecar and the manifest is reprodu
 Crash safety: the tar is written as ``shard-NNNNNN.tar.tmp-<pid>`` and renamed when complete,
 then the sidecar ``shard-NNNNNN.json`` is written (temp + rename). The sidecar marks a complete
 shard: a rerun skips it after checking that the tar's size matches. Nothing complete is replaced.
+A shard is written under its lock (``sharding/locks.py``): runs sharing the output folder never
+write one shard together or take each other's temp files for stale ones.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from sharding.format import (
     encode_masks,
     sample_key,
 )
+from sharding.locks import shard_lock
 from sharding.manifest import empty_counts, merge_counts, reason_category
 from sharding.plan import ShardSpec, order_key
 from sharding.records import Reader, RejectedInput, Slice2D, Unit, Volume
@@ -59,6 +62,7 @@ __all__ = [
     "encode_unit",
     "estimate_unit_bytes",
     "read_sidecar",
+    "stale_tmps",
     "write_shard",
 ]
 
@@ -363,8 +367,11 @@ class _Spool:
             self.path.unlink(missing_ok=True)
 
 
-def _stale_tmps(tar_path: Path) -> Iterator[Path]:
-    yield from tar_path.parent.glob(f"{tar_path.name}.tmp-*")
+def stale_tmps(spec: ShardSpec, output: Path) -> Iterator[Path]:
+    """Temp files of ``spec``'s tar, spool and sidecar (call under the shard's lock: then they
+    are left by a run that died)."""
+    for path in (spec.tar_path(output), spec.sidecar_path(output)):
+        yield from path.parent.glob(f"{path.name}.tmp-*")
 
 
 def read_sidecar(spec: ShardSpec, output: Path) -> dict | None:
@@ -391,25 +398,39 @@ def read_sidecar(spec: ShardSpec, output: Path) -> dict | None:
     return data
 
 
-def write_shard(reader: Reader, spec: ShardSpec, *, output: Path, cfg: ShardingConfig) -> dict:
+def write_shard(
+    reader: Reader, spec: ShardSpec, *, output: Path, cfg: ShardingConfig, wait: bool = True
+) -> dict | None:
     """Write one shard (tar, then sidecar), or return the sidecar of an already complete one.
+
+    The shard's lock (``sharding.locks.shard_lock``) is held throughout, so temp files of this
+    shard found here are left by a run that died, never by one still writing.
 
     Arguments:
       reader: the corpus reader (built in this process).
       spec: the shard: global index, split, units.
       output: the output folder.
       cfg: the sharding section.
+      wait: wait for the shard's lock when another run holds it; False = return None then.
 
     Returns:
-      The sidecar dict: index, split, path, samples, bytes, sha256, units, counts, rejections.
+      The sidecar dict (index, split, path, samples, bytes, sha256, units, counts, rejections),
+      or None when ``wait`` is False and another run holds the shard.
     """
     output = Path(output)
-    done = read_sidecar(spec, output)
-    if done is not None:
-        return done
+    with shard_lock(output, spec.name, wait=wait) as held:
+        if not held:
+            return None
+        done = read_sidecar(spec, output)
+        if done is not None:
+            return done
+        return _write_locked(reader, spec, output=output, cfg=cfg)
+
+
+def _write_locked(reader: Reader, spec: ShardSpec, *, output: Path, cfg: ShardingConfig) -> dict:
     tar_path = spec.tar_path(output)
     tar_path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _stale_tmps(tar_path):
+    for stale in stale_tmps(spec, output):
         log.info("removing %s (left by an interrupted run)", stale)
         stale.unlink(missing_ok=True)
     counts = empty_counts()
