@@ -81,13 +81,25 @@ def _shard_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (0 = all cores)")
     p.add_argument("--shard-range", default=None, help="i:j, half-open, global shard indices")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rewrite shards written from other inputs or settings (else the run stops)",
+    )
+    p.add_argument(
+        "--verify-content",
+        action="store_true",
+        help="compare the inputs of complete shards by content hash, not modification time",
+    )
     return p
 
 
 def _shard(argv: list[str]) -> int:
     """``samadapt shard --format FMT INPUT OUTPUT [key=value ...] [--config YAML] [--workers N]
-    [--shard-range i:j] [--no-progress]``: see ``sharding/run.py``. Exit 2 for bad arguments or
-    input, 1 when writing failed (complete shards are kept: rerun to finish)."""
+    [--shard-range i:j] [--no-progress] [--overwrite] [--verify-content]``: see
+    ``sharding/run.py``. Exit 2 for bad arguments, input or output (a changed corpus without
+    --overwrite, a set without any sample), 1 when writing failed (complete shards are kept:
+    rerun to finish)."""
     args = _shard_parser().parse_intermixed_args(argv)
     from concurrent.futures.process import BrokenProcessPool
 
@@ -109,6 +121,8 @@ def _shard(argv: list[str]) -> int:
             workers=args.workers,
             shard_range=shard_range,
             progress=not args.no_progress,
+            overwrite=args.overwrite,
+            verify_content=args.verify_content,
         )
     except ConfigError:
         raise  # main's one-line "config error" (a ConfigError is also a ValueError)

@@ -20,9 +20,10 @@ The plan is a pure function of the unit list and the sharding settings:
 ``plan.json`` is written once (temp file + rename). It stays small at any corpus size (one line
 per shard: split, position in the split's ordered unit list, first and last unit id; one sha256
 per split over its ordered unit ids), because every task of a job array reads it. A rerun reads it
-back and checks that the units of every split and every setting that changes shard content are
-unchanged; if not it stops with a message naming the difference (setting, split, first shard
-that differs) instead of silently resharding into a mixed set.
+back and checks that the input folder, the units of every split and every setting that changes
+shard content are unchanged; if not it stops with a message naming the difference (folder,
+setting, split, first shard that differs) instead of silently resharding into a mixed set, or,
+with ``--overwrite``, plans again (the shards are then checked one by one, ``sharding/run.py``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "order_key",
     "plan_order",
     "plan_settings",
+    "save_plan",
     "split_of",
     "unit_split",
 ]
@@ -250,7 +252,7 @@ def make_plan(
     Arguments:
       units: all input units (any order; ids must be unique).
       fmt: reader format name (recorded and checked on reruns).
-      input_path: the corpus root (recorded for people; reruns check units, not the path).
+      input_path: the corpus root (recorded; a rerun reading another folder is refused).
       cfg: the sharding section.
       bytes_per_unit: called with the first ``ESTIMATE_UNITS`` units (by id) when
         ``cfg.inputs_per_shard`` is 0; returns their mean encoded size in bytes.
@@ -316,35 +318,56 @@ def load_or_create_plan(
     input_path: str,
     cfg: ShardingConfig,
     bytes_per_unit: Callable[[list[Unit]], float] | None = None,
-) -> Plan:
-    """Read ``OUTPUT/plan.json`` and check it against this run, or make and write it.
+    replace: bool = False,
+) -> tuple[Plan, bool]:
+    """Read ``OUTPUT/plan.json`` and check it against this run, or make a new plan.
 
     Arguments:
       output: the output folder.
       units: the reader's current unit list.
       fmt, input_path, cfg, bytes_per_unit: as for ``make_plan``.
+      replace: when plan.json differs from this run, make a new plan instead of raising.
 
     Returns:
-      The plan, whose shards hold the reader's current ``Unit`` objects.
-      Raises ``PlanMismatch`` naming the setting or units that differ from plan.json.
+      ``(plan, new)``: the plan, whose shards hold the reader's current ``Unit`` objects, and
+      whether it is new (not on disk yet: ``save_plan`` it once the output checks out).
+      Raises ``PlanMismatch`` naming the input folder, setting or units that differ from
+      plan.json (unless ``replace``).
     """
     path = Path(output) / PLAN_FILE
-    if not path.exists():
-        plan = make_plan(
-            units, fmt=fmt, input_path=input_path, cfg=cfg, bytes_per_unit=bytes_per_unit
-        )
-        atomic_write_text(path, json.dumps(plan.to_json(), indent=1) + "\n")
-        log.info("planned %d shards of %d inputs -> %s", len(plan.shards), len(units), path)
-        return plan
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise PlanMismatch(f"{path}: cannot be read ({err}); move it away to plan again") from err
-    return _check_saved(saved, path, units, fmt=fmt, cfg=cfg)
+    if path.exists():
+        try:
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                raise PlanMismatch(
+                    f"{path}: cannot be read ({err}); move it away to plan again"
+                ) from err
+            return _check_saved(saved, path, units, fmt=fmt, input_path=input_path, cfg=cfg), False
+        except PlanMismatch as err:
+            if not replace:
+                raise
+            log.warning("%s; --overwrite: planning again", err)
+    plan = make_plan(units, fmt=fmt, input_path=input_path, cfg=cfg, bytes_per_unit=bytes_per_unit)
+    return plan, True
+
+
+def save_plan(output: Path, plan: Plan) -> None:
+    """Write ``OUTPUT/plan.json`` (temp file + rename)."""
+    path = Path(output) / PLAN_FILE
+    atomic_write_text(path, json.dumps(plan.to_json(), indent=1) + "\n")
+    units = sum(len(s.units) for s in plan.shards)
+    log.info("planned %d shards of %d inputs -> %s", len(plan.shards), units, path)
 
 
 def _check_saved(
-    saved: dict, path: Path, units: Sequence[Unit], *, fmt: str, cfg: ShardingConfig
+    saved: dict,
+    path: Path,
+    units: Sequence[Unit],
+    *,
+    fmt: str,
+    input_path: str,
+    cfg: ShardingConfig,
 ) -> Plan:
     expected = plan_settings(fmt, cfg)
     recorded = saved.get("settings", {})
@@ -358,8 +381,9 @@ def _check_saved(
         if expected.get(key) != recorded.get(key):
             raise PlanMismatch(
                 f"{path} was made with {key}={recorded.get(key)!r}, this run has "
-                f"{key}={expected.get(key)!r}; rerun with the same settings, or write to a new "
-                "output folder (shards of both settings would be mixed)"
+                f"{key}={expected.get(key)!r}; rerun with the same settings, with --overwrite "
+                "to rewrite every shard, or write to a new output folder (shards of both "
+                "settings would be mixed)"
             )
     by_split = _split_units(plan_order(units, seed=cfg.shuffle_seed), cfg)
     if saved["shards"] and "units" in saved["shards"][0]:
@@ -372,8 +396,13 @@ def _check_saved(
         raise PlanMismatch(
             f"{path}: the input units differ from the plan in split {split!r} ({len(ids)} now, "
             f"{entry['units']} planned{_first_difference(saved, split, ids)}); the corpus "
-            "changed, or a case id or dataset name did (they decide the split): shard the "
-            "changed corpus into a new output folder"
+            "changed, or a case id or dataset name did (they decide the split): rerun with "
+            "--overwrite to rewrite the affected shards, or shard it into a new output folder"
+        )
+    if saved.get("input", input_path) != input_path:
+        raise PlanMismatch(
+            f"{path} was made from {saved['input']}, this run reads {input_path}: rerun with "
+            "--overwrite to rewrite the shards from it, or write to a new output folder"
         )
     shards = []
     for s in saved["shards"]:

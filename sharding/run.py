@@ -19,6 +19,7 @@ range complete, and the shards are the bytes a single run writes.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -34,17 +35,30 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sharding.config import ShardingConfig
+from sharding.inputs import Provenance, corpus_record, stale_reason
 from sharding.locks import output_lock, shard_lock
-from sharding.manifest import finalize
-from sharding.plan import Plan, ShardSpec, load_or_create_plan, unit_split
+from sharding.manifest import REJECTED_FILE, finalize, load_summary
+from sharding.plan import (
+    Plan,
+    ShardSpec,
+    load_or_create_plan,
+    plan_settings,
+    save_plan,
+    unit_split,
+)
 from sharding.readers import FORMATS, get_reader
+from sharding.reconcile import InputsChanged, discard, find_stale, refusal
 from sharding.records import Reader, RejectedInput
 from sharding.volumes import finalize_volumes
 from sharding.writer import estimate_unit_bytes, read_sidecar, stale_tmps, write_shard
 
-__all__ = ["RunResult", "run_shard"]
+__all__ = ["NoSamples", "RunResult", "run_shard"]
 
 log = logging.getLogger(__name__)
+
+
+class NoSamples(ValueError):
+    """The whole shard set holds no sample: every input was rejected or dropped."""
 
 
 @dataclass
@@ -95,10 +109,8 @@ def _task_reader(reader: Reader, spec: ShardSpec) -> Reader:
     return subset(spec.units) if subset is not None else reader
 
 
-def _work(
-    reader: Reader, spec: ShardSpec, cfg: ShardingConfig, output: str, wait: bool
-) -> int | None:
-    side = write_shard(reader, spec, output=Path(output), cfg=cfg, wait=wait)
+def _work(reader: Reader, spec: ShardSpec, output: str, job: dict) -> int | None:
+    side = write_shard(reader, spec, output=Path(output), **job)
     return None if side is None else side["samples"]
 
 
@@ -112,13 +124,13 @@ def _pool_round(
     *,
     reader: Reader,
     output: Path,
-    cfg: ShardingConfig,
-    wait: bool,
+    job: dict,
     advance: Callable[[int], None],
 ) -> list[ShardSpec]:
-    """Write ``specs`` in the pool; returns those another run held (only with ``wait=False``)."""
+    """Write ``specs`` in the pool (``job``: ``write_shard``'s other keyword arguments); returns
+    those another run held (only with ``wait=False``)."""
     futures = {
-        pool.submit(_work, _task_reader(reader, spec), spec, cfg, str(output), wait): spec
+        pool.submit(_work, _task_reader(reader, spec), spec, str(output), job): spec
         for spec in specs
     }
     pending, busy = set(futures), []
@@ -142,6 +154,8 @@ def _write_all(
     reader: Reader,
     output: Path,
     cfg: ShardingConfig,
+    source: Provenance,
+    overwrite: bool,
     workers: int,
     progress: bool,
 ) -> None:
@@ -160,18 +174,19 @@ def _write_all(
         if busy:
             log.info("%d shards are held by another run: waiting for them", len(busy))
 
+    job = {"cfg": cfg, "source": source, "overwrite": overwrite}
     try:
         if workers <= 1 or len(todo) <= 1:
             busy = []
             for spec in todo:
-                side = write_shard(reader, spec, output=output, cfg=cfg, wait=False)
+                side = write_shard(reader, spec, output=output, wait=False, **job)
                 if side is None:
                     busy.append(spec)
                 else:
                     advance(side["samples"])
             held_elsewhere(busy)
             for spec in busy:
-                advance(write_shard(reader, spec, output=output, cfg=cfg)["samples"])
+                advance(write_shard(reader, spec, output=output, **job)["samples"])
             return
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
@@ -179,10 +194,10 @@ def _write_all(
             mp_context=ctx,
             initializer=_init_worker,
         ) as pool:
-            job = {"reader": reader, "output": output, "cfg": cfg, "advance": advance}
-            busy = _pool_round(pool, todo, wait=False, **job)
+            rounds = {"reader": reader, "output": output, "advance": advance}
+            busy = _pool_round(pool, todo, job={**job, "wait": False}, **rounds)
             held_elsewhere(busy)
-            _pool_round(pool, busy, wait=True, **job)
+            _pool_round(pool, busy, job=job, **rounds)
     finally:
         bar.close()
 
@@ -192,16 +207,27 @@ def _write_all(
 # --------------------------------------------------------------------------------------------
 
 
-def _finalize(output: Path, plan: Plan) -> dict | None:
+def _finalize(output: Path, plan: Plan, source: Provenance) -> dict | None:
     """Under the output lock: clean up temp files left by killed runs, index the Zarr volumes,
     write manifest.json, summary.json and rejected.jsonl; None when a shard is not complete after
-    all (another run took it back to rewrite it)."""
+    all (another run took it back to rewrite it).
+
+    Shards outside this run's range were checked by the runs that wrote them; here each gets the
+    checks that touch no input file (settings, units, input folder), so a set is never finalized
+    from shards of two corpora."""
     with output_lock(output):
         sidecars = []
         for spec in plan.shards:
             side = read_sidecar(spec, output)
             if side is None:
                 return None
+            reason = stale_reason(side, spec.units, source, files=False)
+            if reason:
+                raise InputsChanged(
+                    f"{spec.relpath()}: {reason}; rerun its --shard-range (with --overwrite to "
+                    "rewrite it), or shard into a new output folder"
+                )
+            side.pop("sources", None)  # the bulk of a sidecar; the manifest does not need it
             sidecars.append(side)
         for spec in plan.shards:
             # a shard whose lock is free has no writer: its temp files are from killed runs
@@ -216,6 +242,18 @@ def _finalize(output: Path, plan: Plan) -> dict | None:
         return finalize(output, plan, sidecars)
 
 
+def _check_output(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {output} is a file, not a folder (give a folder to create)")
+
+
+def _make_output(output: Path) -> None:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {output}: {err.strerror}") from err
+
+
 def run_shard(
     fmt: str,
     input_path: str | os.PathLike,
@@ -225,9 +263,12 @@ def run_shard(
     workers: int | None = None,
     shard_range: tuple[int, int] | None = None,
     progress: bool = False,
+    overwrite: bool = False,
+    verify_content: bool = False,
 ) -> RunResult:
-    """Plan (or check the plan), write the shards of ``shard_range`` that are not complete, and
-    finalize when the whole plan is complete.
+    """Plan (or check the plan), check the complete shards of ``shard_range`` against this run's
+    inputs, write the shards of the range that are not complete, and finalize when the whole
+    plan is complete.
 
     Arguments:
       fmt: reader format (one of ``FORMATS``).
@@ -237,10 +278,16 @@ def run_shard(
       workers: processes (None = ``cfg.workers``; 0 = all cores; 1 = in this process).
       shard_range: half-open global shard indices, or None for all.
       progress: show a tqdm bar on stderr.
+      overwrite: replan when plan.json differs from this run, and rewrite the shards that were
+        written from other inputs (``sharding/reconcile.py``) instead of refusing.
+      verify_content: compare the contents of the complete shards' inputs (hashes) instead of
+        their modification times.
 
     Returns:
-      A ``RunResult``. Raises ``ValueError`` (bad input), ``PlanMismatch`` (OUTPUT holds another
-      plan), ``ShardError``, or ``BrokenProcessPool`` (a worker process died).
+      A ``RunResult``. Raises ``ValueError`` (bad input or output), ``PlanMismatch`` (OUTPUT
+      holds another plan), ``InputsChanged`` (complete shards from other inputs),
+      ``NoSamples`` (the whole set holds no sample), ``ShardError``, or ``BrokenProcessPool``
+      (a worker process died).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
@@ -248,6 +295,7 @@ def run_shard(
     if not Path(input_path).exists():
         raise ValueError(f"input {input_path} does not exist")
     output = Path(output)
+    _check_output(output)
     try:
         reader = _build_reader(fmt, input_path, cfg)
         units = sorted(reader.list_units(), key=lambda u: u.id)
@@ -257,17 +305,35 @@ def run_shard(
         raise ValueError(f"cannot read {fmt} corpus at {input_path}: {err}") from err
     if not units:
         raise ValueError(f"no {fmt} inputs found under {input_path}")
-    output.mkdir(parents=True, exist_ok=True)
+    _make_output(output)
+    source = Provenance(input_path, plan_settings(fmt, cfg), corpus_record(input_path))
 
     def bytes_per_unit(sample: list) -> float:
         splits = {u.id: unit_split(u, cfg) for u in sample}
         return estimate_unit_bytes(reader, sample, splits=splits, cfg=cfg)
 
-    with output_lock(output):  # two runs starting together make one plan, not two
-        plan = load_or_create_plan(
-            output, units, fmt=fmt, input_path=input_path, cfg=cfg, bytes_per_unit=bytes_per_unit
+    # under the output lock: two runs starting together make one plan, not two, and nothing is
+    # written (plan.json included) or taken back before the output checks out
+    with output_lock(output):
+        plan, new = load_or_create_plan(
+            output,
+            units,
+            fmt=fmt,
+            input_path=input_path,
+            cfg=cfg,
+            bytes_per_unit=bytes_per_unit,
+            replace=overwrite,
         )
-    selected = plan.select(shard_range)
+        selected = plan.select(shard_range)
+        stale = find_stale(
+            plan, selected, output, source, content=verify_content, overwrite=overwrite
+        )
+        if stale and not overwrite:
+            raise refusal(stale, selected)
+        if stale:
+            discard(stale, output)
+        if new:
+            save_plan(output, plan)
     todo = [spec for spec in selected if read_sidecar(spec, output) is None]
     log.info(
         "%d shards planned, %d selected, %d to write", len(plan.shards), len(selected), len(todo)
@@ -277,9 +343,31 @@ def run_shard(
         reader=reader,
         output=output,
         cfg=cfg,
+        source=source,
+        overwrite=overwrite,
         workers=_resolve_workers(cfg.workers if workers is None else workers),
         progress=progress,
     )
     complete = sum(spec.sidecar_path(output).exists() for spec in plan.shards)
-    manifest = _finalize(output, plan) if complete == len(plan.shards) else None
+    manifest = _finalize(output, plan, source) if complete == len(plan.shards) else None
+    if manifest is not None and not manifest["totals"]["samples"]:
+        raise NoSamples(_no_samples(output, cfg))
     return RunResult(len(plan.shards), len(todo), complete, manifest)
+
+
+def _no_samples(output: Path, cfg: ShardingConfig) -> str:
+    """The one line of a finished set without any sample: how many inputs were rejected (and
+    the first reason), or how many empty slices were dropped."""
+    counts = load_summary(output)
+    rejected = output / REJECTED_FILE
+    lines = rejected.read_text().splitlines() if rejected.is_file() else []
+    what = f"no sample written: {counts['units_rejected']} of {counts['units']} inputs rejected"
+    if lines:
+        first = json.loads(lines[0])
+        what += f" (first: {first.get('path') or first.get('unit')}: {first.get('reason')})"
+    if counts["empty_dropped"]:
+        what += (
+            f", {counts['empty_dropped']} slices without a mask dropped "
+            f"(keep_empty_ratio={cfg.keep_empty_ratio})"
+        )
+    return f"{what}; see {rejected}"

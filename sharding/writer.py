@@ -49,6 +49,7 @@ from sharding.format import (
     encode_masks,
     sample_key,
 )
+from sharding.inputs import Provenance, source_records
 from sharding.locks import shard_lock
 from sharding.manifest import empty_counts, merge_counts, reason_category
 from sharding.plan import ShardSpec, order_key
@@ -385,21 +386,32 @@ def read_sidecar(spec: ShardSpec, output: Path) -> dict | None:
     try:
         data = json.loads(side.read_text())
     except ValueError as err:
-        raise ShardError(f"{side}: unreadable sidecar ({err}); remove it and its tar") from err
+        raise ShardError(
+            f"{side}: unreadable sidecar ({err}); rerun with --overwrite to rewrite the shard"
+        ) from err
     tar = spec.tar_path(output)
     if not tar.exists():
-        raise ShardError(f"{side} exists but {tar.name} is missing: remove the sidecar to rewrite")
+        raise ShardError(
+            f"{side} exists but {tar.name} is missing: rerun with --overwrite to rewrite it"
+        )
     size = tar.stat().st_size
     if size != data.get("bytes"):
         raise ShardError(
             f"{tar}: {size} bytes on disk, its sidecar says {data.get('bytes')}: the shard was "
-            "modified or truncated; remove both files to rewrite it"
+            "modified or truncated; rerun with --overwrite to rewrite it"
         )
     return data
 
 
 def write_shard(
-    reader: Reader, spec: ShardSpec, *, output: Path, cfg: ShardingConfig, wait: bool = True
+    reader: Reader,
+    spec: ShardSpec,
+    *,
+    output: Path,
+    cfg: ShardingConfig,
+    source: Provenance,
+    wait: bool = True,
+    overwrite: bool = False,
 ) -> dict | None:
     """Write one shard (tar, then sidecar), or return the sidecar of an already complete one.
 
@@ -411,11 +423,15 @@ def write_shard(
       spec: the shard: global index, split, units.
       output: the output folder.
       cfg: the sharding section.
+      source: what this run writes from (recorded in the sidecar, ``sharding/inputs.py``).
       wait: wait for the shard's lock when another run holds it; False = return None then.
+      overwrite: replace a tar left without its sidecar that differs from what this run writes
+        (else that is a ``ShardError``).
 
     Returns:
-      The sidecar dict (index, split, path, samples, bytes, sha256, units, counts, rejections),
-      or None when ``wait`` is False and another run holds the shard.
+      The sidecar dict (index, split, path, samples, bytes, sha256, units, counts, rejections,
+      and the provenance: input, settings, corpus, sources, volumes), or None when ``wait`` is
+      False and another run holds the shard.
     """
     output = Path(output)
     with shard_lock(output, spec.name, wait=wait) as held:
@@ -424,10 +440,20 @@ def write_shard(
         done = read_sidecar(spec, output)
         if done is not None:
             return done
-        return _write_locked(reader, spec, output=output, cfg=cfg)
+        return _write_locked(
+            reader, spec, output=output, cfg=cfg, source=source, overwrite=overwrite
+        )
 
 
-def _write_locked(reader: Reader, spec: ShardSpec, *, output: Path, cfg: ShardingConfig) -> dict:
+def _write_locked(
+    reader: Reader,
+    spec: ShardSpec,
+    *,
+    output: Path,
+    cfg: ShardingConfig,
+    source: Provenance,
+    overwrite: bool,
+) -> dict:
     tar_path = spec.tar_path(output)
     tar_path.parent.mkdir(parents=True, exist_ok=True)
     for stale in stale_tmps(spec, output):
@@ -436,6 +462,7 @@ def _write_locked(reader: Reader, spec: ShardSpec, *, output: Path, cfg: Shardin
     counts = empty_counts()
     rejections: list[dict] = []
     seen: dict[str, str] = {}
+    volumes: list[str] = []
     tmp = tmp_name(tar_path)
     spool = _Spool(tmp.with_name(tmp.name + "-slices"))
     try:
@@ -456,7 +483,8 @@ def _write_locked(reader: Reader, spec: ShardSpec, *, output: Path, cfg: Shardin
                         _add_sample(tar, sample.key, sample.members)
                     _count_sample(result.counts, sample.meta)
                 if result.volume is not None and cfg.volumes:
-                    write_case(output, result.volume, split=spec.split, cfg=cfg)
+                    group = write_case(output, result.volume, split=spec.split, cfg=cfg)
+                    volumes.append(group.relative_to(output).as_posix())
                 merge_counts(counts, result.counts)
                 rejections.extend(result.rejections)
             spool.drain(tar, seed=cfg.shuffle_seed)
@@ -466,7 +494,7 @@ def _write_locked(reader: Reader, spec: ShardSpec, *, output: Path, cfg: Shardin
     finally:
         spool.close()
     digest, size = sink.sha.hexdigest(), sink.size
-    _publish(tmp, tar_path, digest)
+    _publish(tmp, tar_path, digest, overwrite=overwrite)
     sidecar = {
         "format_version": FORMAT_VERSION,
         "index": spec.index,
@@ -478,6 +506,11 @@ def _write_locked(reader: Reader, spec: ShardSpec, *, output: Path, cfg: Shardin
         "units": [u.id for u in spec.units],
         "counts": counts,
         "rejections": sorted(rejections, key=lambda r: json.dumps(r, sort_keys=True)),
+        "input": source.input,
+        "settings": source.settings,
+        "corpus": source.corpus,
+        "sources": source_records(spec.units),
+        "volumes": volumes,
     }
     atomic_write_text(spec.sidecar_path(output), json.dumps(sidecar, indent=1) + "\n")
     return sidecar
@@ -492,17 +525,17 @@ def _duplicate(unit: Unit, sample: Sample, first: str) -> dict:
     }
 
 
-def _publish(tmp: Path, final: Path, digest: str) -> None:
+def _publish(tmp: Path, final: Path, digest: str, *, overwrite: bool) -> None:
     """Rename the finished temp tar, unless a complete tar (a run killed before its sidecar) is
-    there already: then it must be identical."""
-    if final.exists():
+    there already: then it must be identical, or be replaced when ``overwrite``."""
+    if final.exists() and not overwrite:
         existing = file_sha256(final)
         tmp.unlink()
         if existing != digest:
             raise ShardError(
                 f"{final} exists without a sidecar and differs from what this run writes "
                 f"(sha256 {existing[:12]} vs {digest[:12]}): inputs or code changed since; "
-                "remove it to rewrite"
+                "rerun with --overwrite to rewrite it"
             )
         return
     os.replace(tmp, final)
