@@ -85,8 +85,12 @@ def to_uint8_2d(arr: np.ndarray, *, percentiles: tuple[float, float]) -> np.ndar
 
     BGR(A) becomes RGB (alpha dropped); a single-channel (H, W, 1) becomes (H, W); any depth other
     than uint8 (16-bit PNG, float TIFF) is mapped with the percentile rule of
-    ``sharding.intensity`` over all channels.
+    ``sharding.intensity`` over all channels. A float image with NaN or Inf pixels is a
+    ``ValueError`` (as NaN volumes are rejected: an all-NaN image came out all black).
     """
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise ValueError(f"image has {bad} NaN/Inf pixels (of {arr.size})")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim == 3:

@@ -16,7 +16,8 @@ Loading a case:
 * every candidate file is read with pydicom; an unreadable or truncated file rejects the case
   (``RejectedInput`` naming the file). Files of Modality SEG are label sources; files without
   pixel data are skipped (listed in ``rejections``). When several series are present the one
-  with the most slices is used and the others are listed in ``rejections``.
+  with the most slices is used and the others are listed in ``rejections``, each naming every
+  series (UID, description, number, files); series of equal size reject the case, naming them.
 * slices are sorted by ImagePositionPatient projected on the slice normal (row x column
   direction of ImageOrientationPatient). Differing orientation or size, two slices at the same
   position, or a gap wider than 1.5x the median slice distance (a missing slice) reject the case.
@@ -329,20 +330,55 @@ def _scan(
     if not series:
         raise RejectedInput(str(case_dir), "no image slices among the DICOM files")
     ranked = sorted(series.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-    for uid, items in ranked[1:]:
-        rejections.append(
-            {
-                "unit": unit_id,
-                "path": str(items[0][0]),
-                "reason": f"other series {uid} ({len(items)} files) ignored",
-            }
-        )
+    if len(ranked) > 1:
+        listed = "; ".join(_describe(uid, items) for uid, items in ranked)
+        mixed = f"the folder mixes {len(ranked)} series ({listed})"
+        if len(ranked[0][1]) == len(ranked[1][1]):
+            raise RejectedInput(
+                str(case_dir), f"{mixed}, none larger: put one series per case folder"
+            )
+        for uid, items in ranked[1:]:
+            reason = f"{mixed}: the largest is used, other series {uid} ignored"
+            rejections.append({"unit": unit_id, "path": str(items[0][0]), "reason": reason})
     try:
         geo = _Series(ranked[0][1], case_dir)
+    except RejectedInput as rej:
+        # one SeriesInstanceUID over files of several scans: say so, not just the geometry
+        raise RejectedInput(rej.path, rej.reason + _mixed_within(ranked[0][1])) from None
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
         reason = f"missing or invalid geometry tags ({type(exc).__name__}: {exc})"
-        raise RejectedInput(str(case_dir), reason) from None
+        raise RejectedInput(str(case_dir), reason + _mixed_within(ranked[0][1])) from None
     return geo, segs, rejections
+
+
+def _describe(uid: str, items: list[tuple[Path, pydicom.Dataset]]) -> str:
+    """``UID 'description' #number (N files)`` of one series."""
+    first = items[0][1]
+    text = str(first.get("SeriesDescription", "") or "").strip() or "no description"
+    number = first.get("SeriesNumber", "")
+    return f"{uid or 'no SeriesInstanceUID'} '{text}'{f' #{number}' if number else ''} " + (
+        f"({len(items)} files)"
+    )
+
+
+_SCAN_TAGS = ("StudyInstanceUID", "FrameOfReferenceUID", "SeriesNumber", "SeriesDescription")
+
+
+def _mixed_within(items: list[tuple[Path, pydicom.Dataset]]) -> str:
+    """``"; the files mix N scans under one SeriesInstanceUID (...)"`` when the files of one
+    series disagree on the tags that tell scans apart, else ``""``."""
+    groups: dict[tuple[str, ...], int] = {}
+    for _, ds in items:
+        key = tuple(str(ds.get(tag, "")) for tag in _SCAN_TAGS)
+        groups[key] = groups.get(key, 0) + 1
+    if len(groups) < 2:
+        return ""
+    parts = [
+        ", ".join(f"{tag} {value or '-'}" for tag, value in zip(_SCAN_TAGS, key, strict=True))
+        + f": {n} files"
+        for key, n in sorted(groups.items())
+    ]
+    return f"; the files mix {len(groups)} scans under one SeriesInstanceUID ({'; '.join(parts)})"
 
 
 def _read(path: Path) -> pydicom.Dataset:

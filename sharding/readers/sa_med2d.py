@@ -172,6 +172,7 @@ class SAMed2DReader:
         images = sorted(p for p in image_dir.glob("*.png") if not p.name.startswith("."))
         by_stem = {p.stem: (p, []) for p in images}
         masks = sorted(mask_dir.glob("*.png")) if mask_dir.is_dir() else []
+        orphans = []
         for mask in masks:
             stem, owner = mask.stem, None
             for i in range(len(stem), 0, -1):
@@ -179,9 +180,24 @@ class SAMed2DReader:
                     owner = stem[:i]
                     break
             if owner is None:
-                log.warning("%s: no image matches this mask's name; ignored", mask)
+                orphans.append(mask)
                 continue
             by_stem[owner][1].append(str(mask))
+        if masks and len(orphans) == len(masks):
+            # not a corpus with a few stray files: another layout (a folder of label maps named
+            # like their images wrote 1 sample and a warning per mask before)
+            same = sum(p.stem in by_stem for p in masks)
+            hint = (
+                f"{same} are named exactly like an image (label maps: --format folder)"
+                if same
+                else "is this another layout?"
+            )
+            raise ValueError(
+                f"{mask_dir}: none of its {len(masks)} masks is named after an image as the "
+                f"SA-Med2D layout names them (IMAGE--CLASS.png or IMAGE_CLASS_N.png); {hint}"
+            )
+        for mask in orphans:
+            log.warning("%s: no image matches this mask's name; ignored", mask)
         return [("images/", str(p), m) for p, m in by_stem.values()]
 
     def _unit_id(self, image: str) -> str:
