@@ -6,12 +6,15 @@ Output folder of ``samadapt shard``::
     OUT/plan.json                 inputs -> (split, shard) assignment, fixed at the first run
     OUT/{split}/shard-NNNNNN.tar  WebDataset shards (split in train, val, test)
     OUT/{split}/shard-NNNNNN.json sidecar written after the tar is complete: samples, bytes,
-                                  sha256, per-shard summary counts and rejections
+                                  sha256, per-shard summary counts and rejections, and what
+                                  it was written from (sharding/inputs.py)
     OUT/manifest.json             all shards: {"shards": [{"split", "path", "samples", "bytes",
                                   "sha256"}...], "image_size", "resize", "format_version", ...}
     OUT/summary.json              counts per split / dataset / modality / class, rejected count
     OUT/rejected.jsonl            one line per rejected input or mask: {"unit", "path", "reason"}
     OUT/volumes/{dataset}.zarr    Zarr v3 store, one group per case (3D inputs only)
+    OUT/.finalize.lock, OUT/.locks/shard-NNNNNN.lock
+                                  empty lock files of runs sharing OUT (sharding/locks.py)
 
 One sample (one 2D image or one slice of a volume), keyed ``dataset/case/slice`` (dataset and
 case by ``safe_name``: kept when plain ASCII, else a slug plus a short hash, so distinct names
