@@ -13,7 +13,8 @@ after case, a shard of hundreds of slices per case could not be mixed by the rea
 buffer, and batches would hold slices of one patient most of the time.
 
 Determinism: units in plan order, the orders above, members of a sample in the order
-json, mpk, img, and fixed tar headers (mtime 0, uid/gid 0, no user names, mode 0644). A rerun
+json, mpk, img, and fixed tar headers (mtime 0, uid/gid 0, no user names, mode 0644;
+``sharding/tar_writer.py``). A rerun
 writes byte-identical tars, so sha256 in the sidecar and the manifest is reproducible.
 
 Crash safety: the tar is written as ``shard-NNNNNN.tar.tmp-<pid>`` and renamed when complete,
@@ -26,11 +27,9 @@ write one shard together or take each other's temp files for stale ones.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +51,9 @@ from sharding.format import (
 from sharding.inputs import Provenance, source_records
 from sharding.locks import shard_lock
 from sharding.manifest import empty_counts, merge_counts, reason_category
-from sharding.plan import ShardSpec, order_key
+from sharding.plan import ShardSpec
 from sharding.records import Reader, RejectedInput, Slice2D, Unit, Volume
+from sharding.tar_writer import TAR_BLOCK, HashingFile, Spool, TarWriter, add_sample
 from sharding.transform import resize_sample, volume_slices
 from sharding.volumes import write_case
 
@@ -69,8 +69,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_MEMBER_ORDER = (META_EXT, MASKS_EXT, IMAGE_EXT)
-_TAR_BLOCK = 512
 
 
 class ShardError(RuntimeError):
@@ -238,7 +236,7 @@ def _rejected_unit(unit: Unit, record: dict) -> UnitResult:
 
 
 def _tar_bytes(members: dict[str, bytes]) -> int:
-    return sum(_TAR_BLOCK + -(-len(v) // _TAR_BLOCK) * _TAR_BLOCK for v in members.values())
+    return sum(TAR_BLOCK + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for v in members.values())
 
 
 def estimate_unit_bytes(
@@ -254,118 +252,9 @@ def estimate_unit_bytes(
 
 
 # --------------------------------------------------------------------------------------------
-# Samples -> tar
+# Samples -> tar (the tar stream itself: sharding/tar_writer.py)
 # --------------------------------------------------------------------------------------------
 
-
-class _HashingFile:
-    """A write-only file wrapper that hashes and counts what passes through."""
-
-    def __init__(self, fh: io.BufferedWriter):
-        self.fh = fh
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.fh.write(data)
-        self.sha.update(data)
-        self.size += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
-
-
-class _TarWriter:
-    """The tar stream of a shard, byte for byte what ``tarfile`` writes in its default (PAX)
-    format for these members (mode 0644, mtime 0, uid/gid 0, no user names), at ~1/10 of its
-    cost per member: a name that fits a plain ustar header (ASCII, <= 100 bytes) gets one built
-    here; any other name goes through ``tarfile.TarInfo.tobuf`` (PAX extended header)."""
-
-    _RECORD = _TAR_BLOCK * 20  # tarfile.RECORDSIZE: the archive is padded to a multiple of it
-    # the constant fields of the header, after name/mode/uid/gid/size/mtime/chksum
-    _TAIL = (
-        b"0"  # typeflag: regular file
-        + bytes(100)  # linkname
-        + b"ustar\x0000"  # magic + version (POSIX)
-        + bytes(32 + 32)  # uname, gname
-        + bytes(8 + 8)  # devmajor, devminor: empty for a regular file, as tarfile writes them
-        + bytes(155 + 12)  # prefix, padding to 512
-    )
-    _FIXED = b"0000644\x00" + b"0000000\x00" * 2  # mode, uid, gid
-
-    def __init__(self, sink: _HashingFile) -> None:
-        self.sink = sink
-        self.offset = 0
-
-    def _header(self, name: str, size: int) -> bytes:
-        raw = name.encode("ascii", "surrogateescape") if name.isascii() else b""
-        if not raw or len(raw) > 100 or size >= 8**11:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = size, 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
-        head = raw.ljust(100, b"\x00") + self._FIXED + b"%011o\x00" % size + b"00000000000\x00"
-        # checksum: byte sum with the checksum field itself taken as 8 spaces
-        checksum = sum(head) + sum(self._TAIL) + 8 * 32
-        return head + b"%06o\x00 " % checksum + self._TAIL
-
-    def add(self, name: str, data: bytes) -> None:
-        header = self._header(name, len(data))
-        pad = -len(data) % _TAR_BLOCK
-        self.sink.write(header)
-        self.sink.write(data)
-        if pad:
-            self.sink.write(bytes(pad))
-        self.offset += len(header) + len(data) + pad
-
-    def close(self) -> None:
-        """End-of-archive blocks, then zero padding to a whole record (as ``tarfile``)."""
-        end = 2 * _TAR_BLOCK
-        self.sink.write(bytes(end + -(self.offset + end) % self._RECORD))
-
-
-def _add_sample(tar: _TarWriter, key: str, members: dict[str, bytes]) -> None:
-    for ext in _MEMBER_ORDER:
-        tar.add(f"{key}.{ext}", members[ext])
-
-
-class _Spool:
-    """Encoded samples parked in a temp file (not in memory: a shard is up to shard_size_mb), to
-    be written to the tar later in another order."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.file: io.BufferedRandom | None = None  # opened by the first sample
-        self.offset = 0
-        self.index: list[tuple[str, list[tuple[str, int, int]]]] = []
-
-    def add(self, key: str, members: dict[str, bytes]) -> None:
-        if self.file is None:
-            self.file = open(self.path, "w+b")
-        spans = []
-        for ext in _MEMBER_ORDER:
-            data = members[ext]
-            self.file.write(data)
-            spans.append((ext, self.offset, len(data)))
-            self.offset += len(data)
-        self.index.append((key, spans))
-
-    def drain(self, tar: _TarWriter, *, seed: int) -> None:
-        """Write every parked sample to ``tar``, in the order of ``order_key(seed, key)``."""
-        if self.file is None:
-            return
-        self.file.flush()
-        fd = self.file.fileno()
-        for key, spans in sorted(self.index, key=lambda entry: order_key(seed, entry[0])):
-            for ext, offset, size in spans:
-                tar.add(f"{key}.{ext}", os.pread(fd, size, offset))
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.path.unlink(missing_ok=True)
 
 
 def stale_tmps(spec: ShardSpec, output: Path) -> Iterator[Path]:
@@ -464,11 +353,11 @@ def _write_locked(
     seen: dict[str, str] = {}
     volumes: list[str] = []
     tmp = tmp_name(tar_path)
-    spool = _Spool(tmp.with_name(tmp.name + "-slices"))
+    spool = Spool(tmp.with_name(tmp.name + "-slices"))
     try:
         with open(tmp, "wb") as raw:
-            sink = _HashingFile(raw)
-            tar = _TarWriter(sink)
+            sink = HashingFile(raw)
+            tar = TarWriter(sink)
             for unit in spec.units:
                 result = encode_unit(reader, unit, split=spec.split, cfg=cfg)
                 for sample in result.samples:
@@ -480,7 +369,7 @@ def _write_locked(
                     if result.volume is not None:
                         spool.add(sample.key, sample.members)
                     else:
-                        _add_sample(tar, sample.key, sample.members)
+                        add_sample(tar, sample.key, sample.members)
                     _count_sample(result.counts, sample.meta)
                 if result.volume is not None and cfg.volumes:
                     group = write_case(output, result.volume, split=spec.split, cfg=cfg)

@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from sharding.writer import _HashingFile, _TarWriter
+from sharding.tar_writer import HashingFile, TarWriter
 
 NAMES = [
     "ds/case-001/slice-0007.json",
@@ -37,8 +37,8 @@ def test_tar_stream_matches_tarfile(count):
         for i in range(count)
     ]
     out = io.BytesIO()
-    sink = _HashingFile(out)
-    tar = _TarWriter(sink)
+    sink = HashingFile(out)
+    tar = TarWriter(sink)
     for name, data in members:
         tar.add(name, data)
     tar.close()
