@@ -254,6 +254,29 @@ def _make_output(output: Path) -> None:
         raise ValueError(f"cannot create the output folder {output}: {err.strerror}") from err
 
 
+def _check_written(
+    plan: Plan,
+    selected: list[ShardSpec],
+    output: Path,
+    *,
+    source: Provenance,
+    content: bool,
+    overwrite: bool,
+    locked: bool,
+) -> None:
+    """Refuse, or with ``overwrite`` take back, the shards on disk that this run would not write
+    as they are (``sharding/reconcile.py``); ``locked``: the caller holds the output lock (shards
+    are only taken back under it, so a finalizing run never sees half a set)."""
+    stale = find_stale(plan, selected, output, source, content=content, overwrite=overwrite)
+    if stale and not overwrite:
+        raise refusal(stale, selected)
+    if stale and locked:
+        discard(stale, output)
+    elif stale:
+        with output_lock(output):
+            discard(stale, output)
+
+
 def run_shard(
     fmt: str,
     input_path: str | os.PathLike,
@@ -312,9 +335,8 @@ def run_shard(
         splits = {u.id: unit_split(u, cfg) for u in sample}
         return estimate_unit_bytes(reader, sample, splits=splits, cfg=cfg)
 
-    # under the output lock: two runs starting together make one plan, not two, and nothing is
-    # written (plan.json included) or taken back before the output checks out
-    with output_lock(output):
+    check = {"source": source, "content": verify_content, "overwrite": overwrite}
+    with output_lock(output):  # two runs starting together make one plan, not two
         plan, new = load_or_create_plan(
             output,
             units,
@@ -325,15 +347,11 @@ def run_shard(
             replace=overwrite,
         )
         selected = plan.select(shard_range)
-        stale = find_stale(
-            plan, selected, output, source, content=verify_content, overwrite=overwrite
-        )
-        if stale and not overwrite:
-            raise refusal(stale, selected)
-        if stale:
-            discard(stale, output)
-        if new:
+        if new:  # check what the output holds first: a refused run leaves no plan.json
+            _check_written(plan, selected, output, locked=True, **check)
             save_plan(output, plan)
+    if not new:  # stats every input of the range: not under the lock job-array tasks share
+        _check_written(plan, selected, output, locked=False, **check)
     todo = [spec for spec in selected if read_sidecar(spec, output) is None]
     log.info(
         "%d shards planned, %d selected, %d to write", len(plan.shards), len(selected), len(todo)
