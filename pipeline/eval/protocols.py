@@ -179,6 +179,7 @@ def run_cvpr(
     truth: torch.Tensor,
     *,
     clicks: int = 5,
+    mask_as_probs: bool = False,
 ) -> Trace:
     """The CVPR 2025 challenge protocol: a box, then ``clicks`` corrective clicks.
 
@@ -189,6 +190,8 @@ def run_cvpr(
       boxes: (P, 4) x0, y0, x1, y1 (max exclusive) without jitter.
       truth: (P, S, S) bool.
       clicks: corrective clicks after the box (the challenge: 5).
+      mask_as_probs: feed the previous mask as sigmoid probabilities, as a model trained with
+        ``train.mask_prompt_as_probs`` (SAM-Med2D's loop) saw it, instead of SAM's logits.
 
     Returns:
       Trace: steps ``box, click 1, ..., click n``.
@@ -210,7 +213,7 @@ def run_cvpr(
             size,
             boxes=boxes,
             points=(coords, labels),
-            mask_inputs=low,
+            mask_inputs=torch.sigmoid(low) if mask_as_probs else low,
         )
         trace.add(f"click {k}", pred, (coords, labels))
     return trace

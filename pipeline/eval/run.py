@@ -110,10 +110,19 @@ def _traces(
     iter_point: int,
     generator: torch.Generator,
     encode: Callable[..., torch.Tensor],
+    mask_as_probs: bool,
 ) -> list[Trace]:
     embeddings = encode(data["image"])
     truth = data["truth"]
-    cvpr = run_cvpr(model, embeddings, data["image_index"], data["boxes"], truth, clicks=clicks)
+    cvpr = run_cvpr(
+        model,
+        embeddings,
+        data["image_index"],
+        data["boxes"],
+        truth,
+        clicks=clicks,
+        mask_as_probs=mask_as_probs,
+    )
     # SAM-Med2D's box prompt is the CVPR protocol's first pass (box only): not decoded twice
     box = Trace("sam_med2d_box")
     box.add("box", cvpr.preds[0])
@@ -288,6 +297,7 @@ def _score_split(
                     iter_point=iter_point,
                     generator=generators[k],
                     encode=encoders[k],
+                    mask_as_probs=cfg.train.mask_prompt_as_probs,
                 )
                 for k, m in models.items()
             }
@@ -380,7 +390,13 @@ def _overlays(
             infos = _mask_infos(batch, valid, size=cfg.model.image_size, resize="square")
             embeddings = encode(data["image"])
             trace = run_cvpr(
-                model, embeddings, data["image_index"], data["boxes"], data["truth"], clicks=clicks
+                model,
+                embeddings,
+                data["image_index"],
+                data["boxes"],
+                data["truth"],
+                clicks=clicks,
+                mask_as_probs=cfg.train.mask_prompt_as_probs,
             )
             for p, info in enumerate(infos):
                 title = chosen.get((info["key"], info["mask"]))
