@@ -397,6 +397,10 @@ def _eval(argv: list[str]) -> int:
         raise  # main's one-line "config error"
     except (ValueError, WeightsError, SampleError, OSError) as err:
         return _fail("eval", err, 2)
+    from pipeline.eval.report import box_table
+
+    base = "zero-shot" if cfg.model.checkpoint else "untrained"
+    print("\n".join(box_table(result.summary, untrained=base)))
     print(f"evaluation report: {result.report}")
     if result.run_id:
         print(f"MLflow run {result.run_id} (evaluation of {cfg.run_dir})")

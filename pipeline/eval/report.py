@@ -114,6 +114,37 @@ def _class_table(summary: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def box_table(summary: list[dict[str, Any]], *, untrained: str = "untrained") -> list[str]:
+    """Box-prompt Dice per class (SAM-Med2D's box, no jitter): the trained model beside its
+    base and the filled box, with the gains; the lines of a fixed-width text table.
+
+    Arguments:
+      summary: ``scoring.summary_rows``.
+      untrained: the base model's column title ("zero-shot" when it is a named checkpoint).
+
+    Returns:
+      list[str]: a header, one line per class and one for all masks ("-" where a value is
+      missing).
+    """
+    by = {(e["model"], e["class"]): e for e in summary
+          if e["protocol"] == "sam_med2d_box" and e["step"] == "box"}  # fmt: skip
+    classes = sorted({c for _, c in by if c != "all"})
+    width = max([len(c) for c in classes] + [len("all masks")])
+    names = ("trained", untrained, "fill box", "vs " + untrained, "vs fill box", "masks")
+    lines = [f"{'box-prompt Dice':<{width}}  " + "  ".join(f"{n:>12}" for n in names)]
+    for cls in [*classes, "all"]:
+        own, base, fill = (by.get((m, cls)) for m in ("trained", "untrained", "baseline"))
+        if own is None:
+            continue
+        values = [e["dice_mean"] if e else math.nan for e in (own, base, fill)]
+        gains = [values[0] - v for v in values[1:]]
+        cells = [f"{v:.3f}" for v in values] + [f"{g:+.3f}" for g in gains]
+        cells = ["-" if "nan" in c else c for c in cells] + [str(own["masks"])]
+        label = "all masks" if cls == "all" else cls
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{c:>12}" for c in cells))
+    return lines
+
+
 def _curve(path: Path, summary: list[dict[str, Any]]) -> Path:
     import matplotlib
 
@@ -216,6 +247,12 @@ def write_report(
         "## All masks (mean ± std)",
         "",
         *_overall_table(summary),
+        "",
+        "## Per class, box prompt",
+        "",
+        "```",
+        *box_table(summary, untrained=info.get("untrained_name", "untrained")),
+        "```",
         "",
         "## Per class, CVPR protocol",
         "",

@@ -349,6 +349,8 @@ def _info(
         "sam_med2d_iter_point": iter_point,
         "nsd_tolerance": tolerance,
         "base": cfg.model.checkpoint or f"random init, seed {cfg.seed}",
+        # the base is a named pretrained model: its scores are zero-shot
+        "untrained_name": "zero-shot" if cfg.model.checkpoint else "untrained",
     }
 
 
