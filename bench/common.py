@@ -99,7 +99,9 @@ def corpus_items(root: Path) -> list[tuple[Path, list[Path]]]:
     return [(root / img, [root / m for m in masks]) for img, masks in sorted(mapping.items())]
 
 
-def shard_with_cli(corpus: Path, out: Path, overrides: list[str]) -> Path:
+def shard_with_cli(
+    corpus: Path, out: Path, overrides: list[str], *, fmt: str = "sa-med2d"
+) -> Path:
     """Shard ``corpus`` with ``samadapt shard`` (a subprocess) unless ``out`` is complete.
 
     Returns:
@@ -115,7 +117,7 @@ def shard_with_cli(corpus: Path, out: Path, overrides: list[str]) -> Path:
             raise SystemExit(f"{err} (remove {out} or use another cache name)") from None
         return out
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "samadapt", "shard", "--format", "sa-med2d"]
+    cmd = [sys.executable, "-m", "samadapt", "shard", "--format", fmt]
     cmd += [str(corpus), str(out), *overrides, "--no-progress"]
     log.info("sharding: %s", " ".join(cmd[1:]))
     subprocess.run(cmd, check=True, cwd=REPO)

@@ -18,6 +18,11 @@ filling the box) and draws both curves into one PNG (``--png``; the README shows
 
     python bench/quality.py                       # configs/quickstart.yaml, 3000 steps
     python bench/quality.py --steps 400 --val-every 100 train.lr=2e-3    # any override
+    python bench/quality.py --corpus brain_mri --steps 80 --val-every 10  # make quickstart's
+
+``--corpus brain_mri`` trains ``configs/brain_mri.yaml`` (LiteMedSAM) on the real-MRI corpus of
+``make quickstart`` (``python -m samadapt.brain_mri``) instead, at its own 256 px; there the
+untrained model is LiteMedSAM zero-shot.
 
 Corpora and shards are cached in ``.bench/``; each call trains a new run in ``--out``.
 """
@@ -51,7 +56,9 @@ def train(preset: str, shards: Path, run_dir: Path, args: argparse.Namespace) ->
     """Train ``preset`` on ``shards`` with the real CLI; returns the wall seconds."""
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "samadapt", "train", preset, f"data.shards={shards}"]
-    cmd += [f"run_dir={run_dir}", f"model.image_size={args.size}", f"train.steps={args.steps}"]
+    cmd += [f"run_dir={run_dir}", f"train.steps={args.steps}"]
+    if args.corpus == "synthetic":
+        cmd.append(f"model.image_size={args.size}")
     cmd += [f"train.val_every={args.val_every}", f"train.checkpoint_every={args.steps}"]
     cmd += list(args.overrides)
     log.info("training: %s", " ".join(cmd[1:]))
@@ -153,7 +160,9 @@ def draw(rows: list[dict[str, float]], png: Path, title: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides for samadapt train")
-    parser.add_argument("--preset", default="configs/quickstart.yaml")
+    parser.add_argument("--corpus", choices=("synthetic", "brain_mri"), default="synthetic")
+    parser.add_argument("--preset", default=None, help="default: configs/quickstart.yaml, or "
+                        "configs/brain_mri.yaml with --corpus brain_mri")  # fmt: skip
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--val-every", type=int, default=250)
     parser.add_argument("--cases", type=int, default=40, help="synthetic cases (default 40)")
@@ -165,20 +174,34 @@ def main() -> int:
     args = parser.parse_args()
     setup_logging()
     log.info("load average at start: %s", " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    corpus = ensure_corpus(cases=args.cases, slices=args.slices, size=args.size)
-    shards = shard_with_cli(
-        corpus,
-        CACHE / f"{corpus.name}-shards",
-        ["--config", args.preset, f"sharding.image_size={args.size}"],
-    )
+    if args.corpus == "brain_mri":
+        args.preset = args.preset or "configs/brain_mri.yaml"
+        corpus = CACHE / "brain_mri" / "corpus"
+        if not (corpus / "dataset.json").exists():
+            from sharding.brain_mri import write_brain_mri
+
+            write_brain_mri(corpus)
+        shards = shard_with_cli(
+            corpus, CACHE / "brain_mri" / "shards", ["--config", args.preset], fmt="nifti"
+        )
+        data = "real brain MRI (deepmriprep template), held-out slabs"
+    else:
+        args.preset = args.preset or "configs/quickstart.yaml"
+        corpus = ensure_corpus(cases=args.cases, slices=args.slices, size=args.size)
+        shards = shard_with_cli(
+            corpus,
+            CACHE / f"{corpus.name}-shards",
+            ["--config", args.preset, f"sharding.image_size={args.size}"],
+        )
+        data = f"synthetic {args.cases}x{args.slices} @ {args.size} px"
     seconds = train(args.preset, shards, args.out / "run", args)
     rows = table(read_curves(args.out / "run"))
     if not rows:
         raise SystemExit("the run logged no validation (is --val-every above --steps?)")
     log_table(rows)
     title = (
-        f"{args.preset} {' '.join(args.overrides)} | synthetic {args.cases}x{args.slices} "
-        f"@ {args.size} px | {args.steps} steps, {seconds / 60:.1f} min"
+        f"{args.preset} {' '.join(args.overrides)} | {data} | {args.steps} steps, "
+        f"{seconds / 60:.1f} min"
     )
     draw(rows, args.png or args.out / "quality.png", title)
     log.info("load average at end: %s", " ".join(f"{x:.2f}" for x in os.getloadavg()))
