@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             times[side].append((time.perf_counter() - start) / len(batches))
     slow, fast = (statistics.median(times[k]) for k in ("uncached", "cached"))
     masks = cfg.data.batch_size * cfg.data.mask_num
-    log.info("model %s, %d images x %d masks per step, %d interaction step(s), %d threads",
+    log.info("model %s, %d images and %d masks per step, %d interaction step(s), %d threads",
              cfg.model.arch, cfg.data.batch_size, masks, cfg.train.interaction_steps,
              torch.get_num_threads())  # fmt: skip
     log.info("s/step  uncached %.2f  cached %.2f  (rounds: %s / %s)", slow, fast,
