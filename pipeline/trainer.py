@@ -279,7 +279,9 @@ class Trainer:
         kinds = [k.removeprefix("val/dice").lstrip("_") or "dice" for k in model]
         rows = [(f"model at step {self.step}", list(model.values()))]
         if self.untrained:
-            rows.append(("untrained model", [self.untrained.get(k, math.nan) for k in model]))
+            # a named base checkpoint (Meta's SAM, LiteMedSAM) untrained is its zero-shot score
+            label = "zero-shot base" if self.cfg.model.checkpoint else "untrained model"
+            rows.append((label, [self.untrained.get(k, math.nan) for k in model]))
         fill_box = metrics.get("val/baseline/dice_fill_box")
         if fill_box is not None:
             rows.append(
