@@ -30,6 +30,7 @@ from pipeline.distributed import DistEnv
 from pipeline.engine import build_engine
 from pipeline.model import build_model, export_trainable
 from pipeline.model.base import needs_frozen
+from pipeline.model.weights import check_checkpoint
 from pipeline.overlay import write_overlays
 from pipeline.process import EXIT_REQUEUE, install_signal_handlers, should_stop
 from pipeline.tasks import NonFiniteLoss, build_task, task_class
@@ -44,7 +45,8 @@ __all__ = ["NonFiniteLoss", "Trainer", "check_config"]
 
 def check_config(cfg: PipelineConfig) -> None:
     """What the config alone cannot tell (the data is there, its classes fit the head, the run
-    directory is not another run's) fails here, before anything is built, naming the key."""
+    directory is not another run's, model.checkpoint fits the model) fails here, before anything
+    is built, naming the key or the file (``ConfigError``, ``WeightsError``)."""
     # Combinations of keys are checked when the config is built (pipeline.config.PipelineConfig).
     if not cfg.data.shards and not cfg.data.volumes:
         raise ConfigError("data.shards is empty: point it at the output of samadapt shard")
@@ -58,6 +60,7 @@ def check_config(cfg: PipelineConfig) -> None:
             check_files=False,
         )
     task_class(cfg.train.mode).check(cfg)
+    check_checkpoint(cfg.model)  # memory-mapped, against the model on the meta device
     existing = None if cfg.train.resume else latest_complete(cfg.run_dir)
     if existing is not None:
         # Never overwrite a run's checkpoints by starting it again from scratch.
