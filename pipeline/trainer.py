@@ -30,6 +30,7 @@ from pipeline.distributed import DistEnv
 from pipeline.engine import build_engine
 from pipeline.model import build_model, export_trainable
 from pipeline.model.base import needs_frozen
+from pipeline.model.weights import check_checkpoint
 from pipeline.overlay import write_overlays
 from pipeline.process import EXIT_REQUEUE, install_signal_handlers, should_stop
 from pipeline.tasks import NonFiniteLoss, build_task, task_class
@@ -42,9 +43,16 @@ log = logging.getLogger(__name__)
 __all__ = ["NonFiniteLoss", "Trainer", "check_config"]
 
 
-def check_config(cfg: PipelineConfig) -> None:
+def check_config(cfg: PipelineConfig, *, weights: bool = True) -> None:
     """What the config alone cannot tell (the data is there, its classes fit the head, the run
-    directory is not another run's) fails here, before anything is built, naming the key."""
+    directory is not another run's, model.checkpoint fits the model) fails here, before anything
+    is built, naming the key or the file (``ConfigError``, ``WeightsError``).
+
+    Arguments:
+      cfg: the run's config.
+      weights: check model.checkpoint against the model (False where the model is built and
+        the file loaded, with the same checks, right after).
+    """
     # Combinations of keys are checked when the config is built (pipeline.config.PipelineConfig).
     if not cfg.data.shards and not cfg.data.volumes:
         raise ConfigError("data.shards is empty: point it at the output of samadapt shard")
@@ -58,6 +66,8 @@ def check_config(cfg: PipelineConfig) -> None:
             check_files=False,
         )
     task_class(cfg.train.mode).check(cfg)
+    if weights:
+        check_checkpoint(cfg.model)  # memory-mapped, against the model on the meta device
     existing = None if cfg.train.resume else latest_complete(cfg.run_dir)
     if existing is not None:
         # Never overwrite a run's checkpoints by starting it again from scratch.
@@ -69,7 +79,7 @@ def check_config(cfg: PipelineConfig) -> None:
 
 class Trainer:
     def __init__(self, cfg: PipelineConfig, env: DistEnv):
-        check_config(cfg)
+        check_config(cfg, weights=False)  # build_model loads model.checkpoint with those checks
         self.cfg = cfg
         self.env = env
         self.run_dir = Path(cfg.run_dir)

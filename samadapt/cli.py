@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from configtree import ConfigError
-from samadapt.config import load_config
+from samadapt.config import Config, load_config
 
 __all__ = ["COMMANDS", "main", "parse_range", "sharding_overrides", "train_worker"]
 
@@ -237,13 +237,15 @@ def _train(argv: list[str]) -> int:
     runs ``train_worker``. A job requeued after preemption gets ``train.resume=auto``."""
     args = _train_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # fail here, before any process starts
+    from pipeline.model import WeightsError
     from pipeline.trainer import check_config
 
-    check_config(cfg)
+    try:
+        check_config(cfg)  # the base checkpoint too: a file that does not fit is one line
+    except WeightsError as err:
+        return _fail("train", err, 2)
     if cfg.launch.mode == "local" and cfg.launch.ranks == 1:
-        from pipeline.train import run_rank
-
-        return run_rank(cfg)
+        return _run_rank(cfg)
     from launch import run
 
     return run(
@@ -260,9 +262,19 @@ def train_worker(argv: list[str]) -> int:
     ``launch`` with the torch.distributed variables in its environment."""
     args = _train_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    return _run_rank(cfg)
+
+
+def _run_rank(cfg: Config) -> int:
+    """``run_rank``, with a base checkpoint that does not fit the model (``WeightsError``, raised
+    before the model is built, so before any step or MLflow run) as one line naming the file."""
+    from pipeline.model import WeightsError
     from pipeline.train import run_rank
 
-    return run_rank(cfg)
+    try:
+        return run_rank(cfg)
+    except WeightsError as err:
+        return _fail("train", err, 2)
 
 
 # --------------------------------------------------------------------------------------------

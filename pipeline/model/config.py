@@ -1,6 +1,6 @@
 """The ``model`` section of the config, with the registries it names: SAM's ViT encoder shapes
-(``SAM_ARCHS``), the TinyViT encoders (``TINY_VIT_ARCHS``), the PEFT methods (``PEFT_METHODS``)
-and how they start (``ADAPTER_INITS``).
+(``SAM_ARCHS``), the TinyViT encoders (``TINY_VIT_ARCHS``, ``TINY_VIT_SHAPES``), the PEFT methods
+(``PEFT_METHODS``) and how they start (``ADAPTER_INITS``).
 Built into a model by ``pipeline.model``.
 """
 
@@ -20,6 +20,7 @@ __all__ = [
     "PIXEL_NORMS",
     "SAM_ARCHS",
     "TINY_VIT_ARCHS",
+    "TINY_VIT_SHAPES",
     "AdapterInit",
     "ClassTokenInit",
     "HeadDecode",
@@ -38,8 +39,26 @@ SAM_ARCHS: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
 # TinyViT encoders (pipeline/model/tiny_vit.py): arch -> the side of the input per embedding
 # cell. tiny_vit is LiteMedSAM's (MobileSAM's TinyViT-5M with a 1x1, stride-1 patch embedding):
 # 256 px in, 64x64 embeddings out, so the prompt encoder and decoder work on an S/4 grid.
-TINY_VIT_ARCHS: dict[str, int] = {"tiny_vit": 4}
-# Options that only the ViT encoder has, refused for a TinyViT (model.peft is checked apart).
+# tiny_vit_test is the same layout at a CPU test size (random weights only).
+TINY_VIT_ARCHS: dict[str, int] = {"tiny_vit": 4, "tiny_vit_test": 4}
+# Their stages: widths, depths, attention heads and windows, one value per stage. Stage 0 is
+# convolutional (MBConv blocks: no attention, no MLP; its heads and window are unused); stages
+# 1-3 hold the transformer blocks that PEFT goes into, numbered 0.. across the stages.
+TINY_VIT_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
+    "tiny_vit": {
+        "widths": (64, 128, 160, 320),
+        "depths": (2, 2, 6, 2),
+        "heads": (2, 4, 5, 10),
+        "windows": (7, 7, 14, 7),
+    },
+    "tiny_vit_test": {
+        "widths": (16, 32, 48, 64),
+        "depths": (1, 1, 2, 1),
+        "heads": (1, 2, 3, 4),
+        "windows": (7, 7, 7, 7),
+    },
+}
+# Options that only the ViT encoder has, refused for a TinyViT.
 VIT_ONLY = {
     "embed_dim": 0,
     "depth": 0,
@@ -49,8 +68,6 @@ VIT_ONLY = {
     "fused_attention": False,
     "activation_checkpointing": False,
     "activation_checkpointing_blocks": [],
-    "peft_blocks": [],
-    "peft_method_blocks": {},
 }
 PEFT_METHODS = ("sam_med2d_adapter", "msa_adapter", "lora", "fact", "adapter3d")
 # How PEFT modules start (pipeline/model/peft/init.py): as each method's authors' code starts
@@ -72,10 +89,11 @@ CLASS_TOKEN_INITS: tuple[str, ...] = typing.get_args(ClassTokenInit)
 class ModelConfig:
     """SAM + PEFT methods + head. Built by ``pipeline.model``."""
 
-    arch: Literal["vit_b", "vit_l", "vit_h", "tiny", "tiny_vit"] = "vit_b"
-    """Encoder: Meta's ViT vit_b / vit_l / vit_h, tiny (a depth-2, width-64 ViT) for tests, or
+    arch: Literal["vit_b", "vit_l", "vit_h", "tiny", "tiny_vit", "tiny_vit_test"] = "vit_b"
+    """Encoder: Meta's ViT vit_b / vit_l / vit_h, tiny (a depth-2, width-64 ViT) for tests,
     tiny_vit (LiteMedSAM's TinyViT: embeddings at S/4, the prompt encoder and mask decoder on
-    that grid; no PEFT yet, model.peft=[])."""
+    that grid; PEFT in the 10 transformer blocks of stages 1-3), or tiny_vit_test (a TinyViT of
+    widths 16-64 with 4 transformer blocks, for tests)."""
     image_size: int = 256
     """Input size: the side of the images and label maps the readers give (checked against the
     shards' manifest.json), of the logits, and of the encoder unless encoder_input_size is set;
@@ -114,7 +132,9 @@ class ModelConfig:
     all active from the first step; LoRA and FacT with a zero factor, silent); zero: every module
     silent, so the model starts exactly at SAM (pipeline/model/peft/init.py)."""
     peft_blocks: list[int] = field(default_factory=list)
-    """Encoder blocks that get PEFT modules (empty = all)."""
+    """Encoder blocks that get PEFT modules (empty = all): ViT blocks, or for a TinyViT its
+    transformer blocks numbered across stages 1-3 (tiny_vit: 0-1 stage 1, 2-7 stage 2, 8-9
+    stage 3; stage 0 is convolutional and takes none)."""
     peft_method_blocks: dict[str, list[int]] = field(default_factory=dict)
     """Per-method override of peft_blocks, e.g. {lora: [8, 9, 10, 11]}; methods not named here
     use peft_blocks."""
@@ -179,9 +199,22 @@ class ModelConfig:
         return self.arch in TINY_VIT_ARCHS
 
     @property
+    def embedding_stride(self) -> int:
+        """Input pixels per embedding cell: 16 (ViT) or 4 (tiny_vit)."""
+        return TINY_VIT_ARCHS.get(self.arch, 16)
+
+    @property
     def embedding_size(self) -> int:
         """The side of the image embeddings: encoder_size / 16 (ViT) or / 4 (tiny_vit)."""
-        return self.encoder_size // TINY_VIT_ARCHS.get(self.arch, 16)
+        return self.encoder_size // self.embedding_stride
+
+    @property
+    def peft_depth(self) -> int:
+        """Blocks that can take PEFT modules: the ViT's blocks, a TinyViT's transformer blocks
+        (stages 1-3)."""
+        if self.is_tiny_vit:
+            return sum(TINY_VIT_SHAPES[self.arch]["depths"][1:])
+        return self.encoder_spec()[1]
 
     def encoder_spec(self) -> tuple[int, int, int, tuple[int, ...]]:
         """(embed_dim, depth, num_heads, global_attn_indexes) of the ViT after the overrides."""
@@ -199,8 +232,7 @@ class ModelConfig:
 
     def blocks_for(self, method: str) -> list[int]:
         """Encoder blocks that get ``method`` (sorted)."""
-        depth = self.encoder_spec()[1]
-        chosen = self.peft_method_blocks.get(method) or self.peft_blocks or range(depth)
+        chosen = self.peft_method_blocks.get(method) or self.peft_blocks or range(self.peft_depth)
         return sorted(set(chosen))
 
     def __post_init__(self) -> None:
@@ -240,16 +272,12 @@ class ModelConfig:
             self._check_tiny_vit()
         else:
             self._check_vit()
+        self._check_peft_blocks()
+        self._check_tiny_vit_adapter3d()
         self._check_rest()
 
     def _check_tiny_vit(self) -> None:
-        """Refuse the ViT-only options and what the TinyViT model does not build yet."""
-        require(
-            not self.peft,
-            "peft",
-            f"{self.peft}: PEFT on model.arch={self.arch} is not built yet (issue 15, item 2); "
-            "set model.peft=[] (encoder frozen, or all of it trained: model.train_encoder=true)",
-        )
+        """Refuse the ViT-only options, and options that have no sense on S/4 embeddings."""
         for key, default in VIT_ONLY.items():
             require(
                 getattr(self, key) == default,
@@ -258,11 +286,58 @@ class ModelConfig:
                 f"at {default!r})",
             )
         require(
-            self.head in ("sam", "auto") and not self.progressive_upsampling,
-            "head",
-            f"={self.head}{' with progressive_upsampling' if self.progressive_upsampling else ''} "
-            f"assumes S/16 embeddings; model.arch={self.arch} has S/4 (use head sam or auto)",
+            not self.progressive_upsampling,
+            "progressive_upsampling",
+            f"upsamples SAM's decoder from S/4 to S; on model.arch={self.arch} (S/4 embeddings) "
+            "the decoder already predicts at S: leave it false",
         )
+
+    def _check_tiny_vit_adapter3d(self) -> None:
+        """MA-SAM's 3D adapter on a TinyViT: its bottleneck (default 384, MA-SAM's for ViT-B/H)
+        must not be wider than the TinyViT tokens it adapts (128-320)."""
+        if self.is_tiny_vit and "adapter3d" in self.peft:
+            shape = TINY_VIT_SHAPES[self.arch]
+            stages = zip(shape["widths"][1:], shape["depths"][1:], strict=True)
+            widths = [width for width, depth in stages for _ in range(depth)]
+            narrowest = min(widths[i] for i in self.blocks_for("adapter3d"))
+            require(
+                self.adapter3d_dim <= narrowest,
+                "adapter3d_dim",
+                f"={self.adapter3d_dim} is wider than the tokens it adapts (model.arch={self.arch}:"
+                f" width {narrowest} in the blocks adapter3d goes into); a bottleneck must be at "
+                f"most that (MA-SAM's 384 of ViT-B's 768 is {narrowest // 2} here)",
+            )
+
+    def _blocks_text(self) -> str:
+        """The PEFT blocks of the encoder, for messages."""
+        depth = self.peft_depth
+        if not self.is_tiny_vit:
+            return f"[0, {depth}) (depth {depth})"
+        per_stage = ", ".join(str(d) for d in TINY_VIT_SHAPES[self.arch]["depths"][1:])
+        return (
+            f"[0, {depth}): model.arch={self.arch} has {depth} transformer blocks (stages 1-3: "
+            f"{per_stage}); stage 0 is convolutional (MBConv) and takes no PEFT"
+        )
+
+    def _check_peft_blocks(self) -> None:
+        """The blocks that peft_blocks and peft_method_blocks name exist in the encoder."""
+        depth = self.peft_depth
+        require(
+            all(0 <= i < depth for i in self.peft_blocks),
+            "peft_blocks",
+            f"{self.peft_blocks} must be block indexes in {self._blocks_text()}",
+        )
+        for name, blocks in self.peft_method_blocks.items():
+            require(
+                name in self.peft,
+                "peft_method_blocks",
+                f"names {name!r}, which is not in peft {self.peft}",
+            )
+            require(
+                all(0 <= i < depth for i in blocks),
+                "peft_method_blocks",
+                f"{name}: {blocks} must be block indexes in {self._blocks_text()}",
+            )
 
     def _check_vit(self) -> None:
         """Checks of the ViT encoder's shape options and of the blocks that PEFT names."""
@@ -277,22 +352,6 @@ class ModelConfig:
             "global_attn_indexes when overriding depth)",
         )
         require(self.window_size >= 0, "window_size", "must be >= 0 (0 = global everywhere)")
-        require(
-            all(0 <= i < depth for i in self.peft_blocks),
-            "peft_blocks",
-            f"{self.peft_blocks} must be block indexes in [0, {depth})",
-        )
-        for name, blocks in self.peft_method_blocks.items():
-            require(
-                name in self.peft,
-                "peft_method_blocks",
-                f"names {name!r}, which is not in peft {self.peft}",
-            )
-            require(
-                all(0 <= i < depth for i in blocks),
-                "peft_method_blocks",
-                f"{name}: {blocks} must be block indexes in [0, {depth})",
-            )
         require(
             all(0 <= i < depth for i in self.activation_checkpointing_blocks),
             "activation_checkpointing_blocks",

@@ -25,7 +25,7 @@ from configtree import ConfigError, from_dict
 from pipeline.model.base import base_record, check_base_file, frozen_tensors, needs_frozen
 from pipeline.model.build import build_model
 from pipeline.model.config import ModelConfig
-from pipeline.model.weights import WeightsError, key_mismatch, read_state_dict
+from pipeline.model.weights import WeightsError, key_mismatch, load_torch_file, read_state_dict
 from pipeline.model.wrapper import SamAdapt
 from sharding.files import atomic_write
 
@@ -117,10 +117,7 @@ def read_payload(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: export file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: not a readable PyTorch file ({exc})") from exc
+    payload = load_torch_file(path, "file")
     if not isinstance(payload, dict) or payload.get("format") not in (EXPORT_FORMAT, LEGACY_FORMAT):
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise WeightsError(f"{path}: not a samadapt export (format {found!r})")

@@ -65,30 +65,41 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 class CnnHead(nn.Module):
     """A light UNet-like decoder on the encoder embedding.
 
-    The embedding (1/16) is upsampled x2 four times; at 1/8, 1/4 and 1/2 it is concatenated with
-    features of a three-conv stem run on the (normalised) image, the skip connections a UNet gets
-    from its encoder.
+    The embedding (1/16 for a ViT) is upsampled x2 four times; at 1/8, 1/4 and 1/2 it is
+    concatenated with features of a three-conv stem run on the (normalised) image, the skip
+    connections a UNet gets from its encoder. On a TinyViT's 1/4 embedding (``stride=4``) the
+    same head keeps its last two stages and the stem's first conv (the skip at 1/2).
 
     Arguments:
       num_outputs (int): output channels (num_classes + 1).
       in_chans (int): embedding channels (256).
       widths (tuple(int)): decoder widths at 1/8, 1/4, 1/2, 1/1.
+      stride (int): input pixels per embedding cell, a power of 2 from 2 to 16.
     """
 
     def __init__(
-        self, num_outputs: int, in_chans: int = 256, widths: tuple[int, ...] = (128, 64, 32, 16)
+        self,
+        num_outputs: int,
+        in_chans: int = 256,
+        widths: tuple[int, ...] = (128, 64, 32, 16),
+        stride: int = 16,
     ) -> None:
         super().__init__()
-        skips = (64, 32, 16)  # stem channels at 1/8, 1/4, 1/2
-        self.stem = nn.ModuleList([_conv(3, 16, 2), _conv(16, 32, 2), _conv(32, 64, 2)])
-        ins = [in_chans + skips[0], widths[0] + skips[1], widths[1] + skips[2], widths[2]]
+        ups = stride.bit_length() - 1  # x2 stages from the embedding to the input size
+        if stride != 1 << ups or not 1 <= ups <= len(widths):
+            raise ValueError(f"CnnHead: stride must be a power of 2 in [2, 16], got {stride}")
+        widths = widths[-ups:]
+        chans = (16, 32, 64)[: ups - 1]  # stem channels at 1/2, 1/4, 1/8 (those above 1/stride)
+        self.stem = nn.ModuleList(_conv(i, o, 2) for i, o in zip((3, *chans), chans, strict=False))
+        skips = (*chans[::-1], 0)  # the last stage, at 1/1, has no skip
+        ins = [a + b for a, b in zip((in_chans, *widths[:-1]), skips, strict=True)]
         self.stages = nn.ModuleList(_conv(i, o) for i, o in zip(ins, widths, strict=True))
         self.out = nn.Conv2d(widths[-1], num_outputs, kernel_size=1)
 
     def forward(self, embeddings: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """
         Arguments:
-          embeddings (torch.Tensor): (B, 256, S/16, S/16).
+          embeddings (torch.Tensor): (B, 256, S/stride, S/stride).
           images (torch.Tensor): normalised images (B, 3, S, S).
 
         Returns:
@@ -98,7 +109,7 @@ class CnnHead(nn.Module):
         x = images.to(embeddings.dtype)
         for conv in self.stem:
             x = conv(x)
-            feats.append(x)  # 1/2, 1/4, 1/8
+            feats.append(x)  # 1/2, 1/4, 1/8 (as many as the stride needs)
         skips = feats[::-1] + [None]
         y = embeddings
         for stage, skip in zip(self.stages, skips, strict=True):
@@ -110,18 +121,21 @@ class CnnHead(nn.Module):
 
 
 class LinearHead(nn.Module):
-    """A per-pixel linear layer (1x1 conv) on the embedding, bilinearly upsampled x16.
+    """A per-pixel linear layer (1x1 conv) on the embedding, bilinearly upsampled to the input
+    (x16 for a ViT, x4 for a TinyViT).
 
     Arguments:
       num_outputs (int): output channels (num_classes + 1).
       in_chans (int): embedding channels (256).
+      stride (int): input pixels per embedding cell.
     """
 
-    def __init__(self, num_outputs: int, in_chans: int = 256) -> None:
+    def __init__(self, num_outputs: int, in_chans: int = 256, stride: int = 16) -> None:
         super().__init__()
         self.linear = nn.Conv2d(in_chans, num_outputs, kernel_size=1)
+        self.stride = stride
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, 256, S/16, S/16) -> logits (B, num_outputs, S, S)."""
+        """(B, 256, S/stride, S/stride) -> logits (B, num_outputs, S, S)."""
         logits = self.linear(embeddings)
-        return F.interpolate(logits, scale_factor=16, mode="bilinear", align_corners=False)
+        return F.interpolate(logits, scale_factor=self.stride, mode="bilinear", align_corners=False)

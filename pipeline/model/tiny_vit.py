@@ -12,28 +12,59 @@ The patch embedding is two conv + BatchNorm layers with a GELU between them: Lit
 ``layers.i.blocks.j.attn.attention_biases``, ``neck.0`` ...) so their files load strictly.
 BatchNorm layers stay in eval mode (running statistics) unless ``train_batchnorm`` is set: a
 frozen encoder must give the same embeddings in training as in evaluation.
+
+Where PEFT goes (``pipeline/model/peft/inject.py`` attaches it; ``TinyVitBlock`` runs it): only
+into the transformer blocks of stages 1-3, the blocks with attention and an MLP, which is what
+every method is defined on. Stage 0 is MBConv (conv maps, no attention, no MLP, no token
+LayerNorm) and the patch merges and the neck are convolutions: none gets PEFT.
+
+- LoRA, FacT: low-rank updates of the q and v parts of the fused ``attn.qkv`` (laid out per head
+  as [q, k, v], so the parts are interleaved); FacT's shared U, V are per stage, since the stages
+  differ in width.
+- SAM-Med2D's adapter: beside the MLP, on the MLP's normalised input (``mlp.norm``), as on the
+  ViT's ``norm2`` output.
+- MSA's adapters: ``space`` on the attention output before its residual add; ``mlp`` beside the
+  MLP (x0.5); ``depth`` (model.slices > 1) after the block's attention run across the D slices
+  at each token position, without the window's offset biases (they encode 2D offsets inside a
+  window, which slices do not have).
+- MA-SAM's 3D adapters: before the attention and before the MLP (after the local conv, so the
+  MLP's input is what it adapts), as in the ViT block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
+from pipeline.model.config import TINY_VIT_SHAPES
+
+if TYPE_CHECKING:  # the PEFT modules are attached by pipeline.model.peft.inject
+    from pipeline.model.peft.adapter3d import Adapter3d
+    from pipeline.model.peft.adapters import Med2dAdapter, MsaAdapters
+    from pipeline.model.peft.qkv import FactShared
+
 
 @dataclass(frozen=True)
 class TinyVitShape:
-    """Stage widths, depths, heads and attention windows (stage 0 has no attention)."""
+    """Stage widths, depths, heads and attention windows (stage 0 has no attention); the
+    defaults are TinyViT-5M's (MobileSAM's, LiteMedSAM's)."""
 
-    widths: tuple[int, ...] = (64, 128, 160, 320)
-    depths: tuple[int, ...] = (2, 2, 6, 2)
-    heads: tuple[int, ...] = (2, 4, 5, 10)
-    windows: tuple[int, ...] = (7, 7, 14, 7)
+    widths: tuple[int, ...] = TINY_VIT_SHAPES["tiny_vit"]["widths"]
+    depths: tuple[int, ...] = TINY_VIT_SHAPES["tiny_vit"]["depths"]
+    heads: tuple[int, ...] = TINY_VIT_SHAPES["tiny_vit"]["heads"]
+    windows: tuple[int, ...] = TINY_VIT_SHAPES["tiny_vit"]["windows"]
     mlp_ratio: int = 4
     mbconv_ratio: int = 4
+
+    @classmethod
+    def of(cls, arch: str) -> TinyVitShape:
+        """The shape of ``model.arch`` (a key of ``TINY_VIT_SHAPES``)."""
+        return cls(**TINY_VIT_SHAPES[arch])
 
 
 class ConvBN(nn.Sequential):
@@ -127,13 +158,20 @@ class WindowAttention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(heads, window * window))
         self.register_buffer("bias_index", offset_index(window), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, w*w, C) tokens of N windows -> (N, w*w, C)."""
+    def forward(self, x: torch.Tensor, offsets: bool = True) -> torch.Tensor:
+        """(N, L, C) tokens of N windows -> (N, L, C); L = w*w, or any L without ``offsets``.
+
+        Arguments:
+          x (torch.Tensor): the tokens.
+          offsets (bool): add the learned per-offset biases (False: plain attention over any
+            sequence, MSA's depth branch across slices).
+        """
         n, length, dim = x.shape
         qkv = self.qkv(self.norm(x)).view(n, length, self.heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (N, heads, L, head_dim)
         scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
-        scores = scores + self.attention_biases[:, self.bias_index]
+        if offsets:
+            scores = scores + self.attention_biases[:, self.bias_index]
         out = scores.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))
 
@@ -176,11 +214,24 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., C)."""
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return self.body(self.norm(x))
+
+    def body(self, normed: torch.Tensor) -> torch.Tensor:
+        """The MLP after its LayerNorm: (..., C) normalised tokens -> (..., C)."""
+        return self.fc2(F.gelu(self.fc1(normed)))
 
 
 class TinyVitBlock(nn.Module):
-    """x + windowed attention; depthwise 3x3 conv + BatchNorm (no residual); x + MLP.
+    """x + windowed attention; depthwise 3x3 conv + BatchNorm (no residual); x + MLP; with the
+    PEFT modules attached to it (absent unless enabled; each adds exactly zero at zero init)::
+
+        x = x + adapter3d_attn(x, D)                                     # MA-SAM
+        a = windowed attn(x)              (its LayerNorm inside; LoRA/FacT inside attn.qkv)
+        a = a + msa.space(a) + msa.depth(attn across the D slices of x)  # MSA
+        x = local_conv(x + a)
+        x = x + adapter3d_mlp(x, D)                                      # MA-SAM
+        n = mlp.norm(x)
+        x = x + (mlp.body(n) + med2d_adapter(n) + 0.5 * msa.mlp(n))      # SAM-Med2D, MSA
 
     Arguments:
       dim, heads, window (int): token width, attention heads, window side.
@@ -189,16 +240,52 @@ class TinyVitBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, window: int, mlp_ratio: int) -> None:
         super().__init__()
+        self.dim = dim
         self.window = window
         self.attn = WindowAttention(dim, heads, window)
         self.local_conv = ConvBN(dim, dim, 3, groups=dim)
         self.mlp = Mlp(dim, dim * mlp_ratio)
+        self.med2d_adapter: Med2dAdapter | None = None
+        self.msa: MsaAdapters | None = None
+        self.adapter3d_attn: Adapter3d | None = None
+        self.adapter3d_mlp: Adapter3d | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
-        x = x + _windowed(self.attn, x, self.window)
+    def _depth_attention(self, x: torch.Tensor, slices: int) -> torch.Tensor:
+        """The block's attention across the D slices of each volume at every token position
+        (MSA's depth branch), without the window's offset biases: (B*D, H, W, C) -> same."""
+        n, h, w, c = x.shape
+        b = n // slices
+        seq = x.reshape(b, slices, h, w, c).permute(0, 2, 3, 1, 4).reshape(b * h * w, slices, c)
+        out = self.attn(seq, offsets=False).reshape(b, h, w, slices, c)
+        return out.permute(0, 3, 1, 2, 4).reshape(n, h, w, c)
+
+    def forward(self, x: torch.Tensor, slices: int = 1) -> torch.Tensor:
+        """
+        Arguments:
+          x (torch.Tensor): tokens (B*D, H, W, C).
+          slices (int): D, adjacent slices of one volume stacked consecutively in the batch.
+
+        Returns:
+          torch.Tensor: (B*D, H, W, C).
+        """
+        if self.adapter3d_attn is not None:
+            x = x + self.adapter3d_attn(x, slices)
+        a = _windowed(self.attn, x, self.window)
+        if self.msa is not None:
+            a = a + self.msa.space(a)
+            if self.msa.depth is not None and slices > 1:
+                a = a + self.msa.depth(self._depth_attention(x, slices))
+        x = x + a
         x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return x + self.mlp(x)
+        if self.adapter3d_mlp is not None:
+            x = x + self.adapter3d_mlp(x, slices)
+        normed = self.mlp.norm(x)
+        out = self.mlp.body(normed)
+        if self.med2d_adapter is not None:
+            out = out + self.med2d_adapter(normed)
+        if self.msa is not None:
+            out = out + self.msa.mlp_scale * self.msa.mlp(normed)
+        return x + out
 
 
 class Stage(nn.Module):
@@ -218,13 +305,15 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.downsample = downsample
         self.channels_last = channels_last
+        # FacT's U and V, shared by the stage's blocks (set by PEFT injection, as ``fact.*``).
+        self.fact: FactShared | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C', H', W')."""
+    def forward(self, x: torch.Tensor, slices: int = 1) -> torch.Tensor:
+        """(B*D, C, H, W) -> (B*D, C', H', W'); ``slices`` = D for the 3D adapters."""
         if self.channels_last:
             x = x.permute(0, 2, 3, 1)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, slices) if self.channels_last else block(x)
         if self.channels_last:
             x = x.permute(0, 3, 1, 2)
         return self.downsample(x) if self.downsample is not None else x
@@ -302,16 +391,23 @@ class TinyVitEncoder(nn.Module):
                     module.eval()
         return self
 
+    def transformer_blocks(self) -> list[tuple[Stage, TinyVitBlock]]:
+        """The blocks PEFT can go into, in order (``model.peft_blocks`` numbers them): every
+        block of stages 1-3, each with its stage."""
+        return [
+            (stage, block) for stage in self.layers if stage.channels_last for block in stage.blocks
+        ]
+
     def forward(self, x: torch.Tensor, slices: int = 1) -> torch.Tensor:
         """
         Arguments:
-          x (torch.Tensor): normalised images (N, 3, S, S).
-          slices (int): unused (the ViT encoder's 3D adapters take it).
+          x (torch.Tensor): normalised images (N, 3, S, S); N = B*D for 3D inputs.
+          slices (int): D, for the 3D adapters and MSA's depth branch (1 for 2D inputs).
 
         Returns:
           torch.Tensor: image embeddings (N, out_chans, S/stride, S/stride).
         """
         x = self.patch_embed(x)
         for stage in self.layers:
-            x = stage(x)
+            x = stage(x, slices)
         return self.neck(x)

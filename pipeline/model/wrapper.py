@@ -22,7 +22,7 @@ from pipeline.model.decoder import BatchedMaskDecoder
 from pipeline.model.encoder import AdaptedImageEncoder
 from pipeline.model.heads import CnnHead, LinearHead, ProgressiveUpsampler
 from pipeline.model.peft import add_peft, merge_qkv_updates
-from pipeline.model.tiny_vit import TinyVitEncoder
+from pipeline.model.tiny_vit import TinyVitEncoder, TinyVitShape
 from pipeline.model.weights import first_keys, key_mismatch
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -65,12 +65,15 @@ def _vit_encoder(cfg: ModelConfig) -> AdaptedImageEncoder:
 
 
 def _image_encoder(cfg: ModelConfig) -> nn.Module:
-    """The image encoder ``cfg.arch`` names: SAM's ViT, or a TinyViT (frozen unless
-    ``cfg.train_encoder``; its BatchNorm layers then follow the module's train/eval mode)."""
+    """The image encoder ``cfg.arch`` names: SAM's ViT, or a TinyViT with ``cfg.peft`` in its
+    transformer blocks (base frozen unless ``cfg.train_encoder``; its BatchNorm layers then
+    follow the module's train/eval mode, else they keep their running statistics)."""
     if not cfg.is_tiny_vit:
         return _vit_encoder(cfg)
-    encoder = TinyVitEncoder(out_chans=cfg.prompt_dim)
-    encoder.requires_grad_(cfg.train_encoder)
+    encoder = TinyVitEncoder(TinyVitShape.of(cfg.arch), out_chans=cfg.prompt_dim)
+    add_peft(encoder, cfg=cfg)
+    if cfg.train_encoder:  # full fine-tuning: the base weights train beside any PEFT module
+        encoder.requires_grad_(True)
     encoder.train_batchnorm = cfg.train_encoder
     return encoder
 
@@ -107,9 +110,9 @@ class SamAdapt(nn.Module):
         if cfg.head == "auto" and cfg.progressive_upsampling:
             self.head = ProgressiveUpsampler(prompt_dim // 8)
         elif cfg.head == "cnn":
-            self.head = CnnHead(outputs, in_chans=prompt_dim)
+            self.head = CnnHead(outputs, in_chans=prompt_dim, stride=cfg.embedding_stride)
         elif cfg.head == "linear":
-            self.head = LinearHead(outputs, in_chans=prompt_dim)
+            self.head = LinearHead(outputs, in_chans=prompt_dim, stride=cfg.embedding_stride)
         mean, std = PIXEL_NORM[cfg.pixel_norm]
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), False)
@@ -186,8 +189,6 @@ class SamAdapt(nn.Module):
         Returns:
           list[str]: methods merged.
         """
-        if self.cfg.is_tiny_vit:  # no PEFT on TinyViT yet
-            return []
         merged = merge_qkv_updates(self.image_encoder)
         self.cfg = dataclasses.replace(
             self.cfg,

@@ -1,11 +1,16 @@
-"""Attach the configured PEFT methods to an ``AdaptedImageEncoder`` and freeze its base weights.
+"""Attach the configured PEFT methods to an image encoder and freeze its base weights.
 
-Parameter names say which method a tensor belongs to (``peft_method_of``):
+The encoder is SAM's ViT (``AdaptedImageEncoder``: every block) or a TinyViT
+(``TinyVitEncoder``: the transformer blocks of stages 1-3, numbered across them; see
+``pipeline/model/tiny_vit.py`` for where each method sits in its blocks and why stage 0 has
+none). Parameter names say which method a tensor belongs to (``peft_method_of``); for a TinyViT
+``blocks.i`` reads ``layers.s.blocks.j``:
 
   sam_med2d_adapter  blocks.i.med2d_adapter.*
   msa_adapter        blocks.i.msa.*
   lora               blocks.i.attn.qkv.lora.*
-  fact               fact.* (shared U, V) and blocks.i.attn.qkv.fact.* (cores)
+  fact               fact.* (ViT: U, V shared by all blocks; TinyViT: layers.s.fact.*, one pair
+                     per stage, whose widths differ) and blocks.i.attn.qkv.fact.* (cores)
   adapter3d          blocks.i.adapter3d_attn.*, blocks.i.adapter3d_mlp.*
 """
 
@@ -18,8 +23,9 @@ from torch import nn
 from pipeline.model.config import ModelConfig
 from pipeline.model.peft.adapter3d import Adapter3d
 from pipeline.model.peft.adapters import Med2dAdapter, MsaAdapters
-from pipeline.model.peft.init import check_init
+from pipeline.model.peft.init import AdapterInit, check_init
 from pipeline.model.peft.qkv import AdaptedQkv, FactCores, FactShared, LoraQV
+from pipeline.model.tiny_vit import TinyVitEncoder
 
 log = logging.getLogger(__name__)
 
@@ -42,38 +48,66 @@ def peft_method_of(name: str) -> str | None:
     return None
 
 
+def _sites(encoder: nn.Module, cfg: ModelConfig) -> list[tuple[nn.Module, int, nn.Module]]:
+    """(block, width, holder of FacT's shared factors) of every block PEFT can go into, in the
+    order ``cfg.peft_blocks`` numbers them. FacT's shared factors are created here when
+    ``cfg.peft`` has fact: one pair for the ViT, one per TinyViT stage that gets FacT."""
+    fact_blocks = set(cfg.blocks_for("fact")) if "fact" in cfg.peft else set()
+    if isinstance(encoder, TinyVitEncoder):
+        sites = [(b, b.dim, stage) for stage, b in encoder.transformer_blocks()]
+        for stage in dict.fromkeys(s for i, (_, _, s) in enumerate(sites) if i in fact_blocks):
+            stage.fact = FactShared(stage.blocks[0].dim, cfg.fact_rank)
+        return sites
+    dim = encoder.patch_embed.proj.out_channels
+    if fact_blocks:
+        encoder.fact = FactShared(dim, cfg.fact_rank)
+    return [(block, dim, encoder) for block in encoder.blocks]
+
+
+def _qkv(block: nn.Module) -> AdaptedQkv:
+    """The block's qkv layer as an ``AdaptedQkv`` (a TinyViT's plain ``nn.Linear`` is taken
+    over on first use, with its per-head [q, k, v] layout)."""
+    attn = block.attn
+    if not isinstance(attn.qkv, AdaptedQkv):
+        attn.qkv = AdaptedQkv(attn.qkv, heads=attn.heads)
+    return attn.qkv
+
+
+def _attach(method: str, block: nn.Module, dim: int, holder: nn.Module, cfg: ModelConfig) -> None:
+    """Put ``method``'s modules into ``block`` (width ``dim``; FacT's shared factors on
+    ``holder``)."""
+    init: AdapterInit = cfg.adapter_init
+    if method == "sam_med2d_adapter":
+        block.med2d_adapter = Med2dAdapter(dim, init=init)
+    elif method == "msa_adapter":
+        block.msa = MsaAdapters(dim, depth_branch=cfg.slices > 1, init=init)
+    elif method == "lora":
+        _qkv(block).lora = LoraQV(dim, cfg.lora_rank)
+    elif method == "fact":
+        _qkv(block).attach_fact(FactCores(cfg.fact_rank, cfg.fact_dropout), holder.fact)
+    elif method == "adapter3d":
+        block.adapter3d_attn = Adapter3d(dim, cfg.adapter3d_dim, init=init)
+        block.adapter3d_mlp = Adapter3d(dim, cfg.adapter3d_dim, init=init)
+    else:  # ModelConfig already refuses unknown names
+        raise ValueError(f"model.peft: unknown PEFT method {method!r}")
+
+
 def add_peft(encoder: nn.Module, *, cfg: ModelConfig) -> None:
     """Freeze the encoder's base weights and add ``cfg.peft`` to ``cfg.blocks_for(method)``,
     initialised as ``cfg.adapter_init`` says (see ``init.py``).
 
     Arguments:
-      encoder (AdaptedImageEncoder): modified in place.
+      encoder (AdaptedImageEncoder or TinyVitEncoder): modified in place.
       cfg (ModelConfig): methods, ranks, blocks, slice count and initialisation.
     """
     init = cfg.adapter_init
     check_init(init)
     encoder.requires_grad_(False)
-    dim = encoder.patch_embed.proj.out_channels
-    methods = set(cfg.peft)
-    if "fact" in methods:
-        encoder.fact = FactShared(dim, cfg.fact_rank)
+    sites = _sites(encoder, cfg)
     for method in cfg.peft:
         for i in cfg.blocks_for(method):
-            block = encoder.blocks[i]
-            qkv: AdaptedQkv = block.attn.qkv
-            if method == "sam_med2d_adapter":
-                block.med2d_adapter = Med2dAdapter(dim, init=init)
-            elif method == "msa_adapter":
-                block.msa = MsaAdapters(dim, depth_branch=cfg.slices > 1, init=init)
-            elif method == "lora":
-                qkv.lora = LoraQV(dim, cfg.lora_rank)
-            elif method == "fact":
-                qkv.attach_fact(FactCores(cfg.fact_rank, cfg.fact_dropout), encoder.fact)
-            elif method == "adapter3d":
-                block.adapter3d_attn = Adapter3d(dim, cfg.adapter3d_dim, init=init)
-                block.adapter3d_mlp = Adapter3d(dim, cfg.adapter3d_dim, init=init)
-            else:  # ModelConfig already refuses unknown names
-                raise ValueError(f"model.peft: unknown PEFT method {method!r}")
+            block, dim, holder = sites[i]
+            _attach(method, block, dim, holder, cfg)
     for name, param in encoder.named_parameters():
         param.requires_grad_(peft_method_of(name) is not None)
     log.info(
@@ -87,23 +121,23 @@ def merge_qkv_updates(encoder: nn.Module) -> list[str]:
     """Fold LoRA and FacT into the qkv weights and remove their modules (inference).
 
     Arguments:
-      encoder (AdaptedImageEncoder): modified in place.
+      encoder (AdaptedImageEncoder or TinyVitEncoder): modified in place.
 
     Returns:
       list[str]: the methods merged ("lora", "fact"), in that order, those present.
     """
     merged: set[str] = set()
-    for block in encoder.blocks:
-        qkv: AdaptedQkv = block.attn.qkv
+    for attn in [m for m in encoder.modules() if isinstance(getattr(m, "qkv", None), AdaptedQkv)]:
+        qkv: AdaptedQkv = attn.qkv
         if qkv.lora is None and qkv.fact is None:
             continue
         if qkv.lora is not None:
             merged.add("lora")
         if qkv.fact is not None:
             merged.add("fact")
-        plain = AdaptedQkv(qkv.merged_linear())
-        block.attn.qkv = plain
-    if encoder.fact is not None:
+        attn.qkv = AdaptedQkv(qkv.merged_linear(), heads=qkv.heads)
+    holders = [m for m in encoder.modules() if isinstance(getattr(m, "fact", None), FactShared)]
+    for holder in holders:
         merged.add("fact")
-        encoder.fact = None
+        holder.fact = None
     return [m for m in ("lora", "fact") if m in merged]

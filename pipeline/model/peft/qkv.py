@@ -1,7 +1,9 @@
-"""LoRA (SAMed) and FacT-TT (MA-SAM) on the q and v projections of SAM's fused qkv layer.
+"""LoRA (SAMed) and FacT-TT (MA-SAM) on the q and v projections of a fused qkv layer.
 
 ``AdaptedQkv`` takes over the stock ``nn.Linear(dim, 3 * dim)`` (its ``weight`` and ``bias`` keep
-their names, so state-dict keys stay Meta's) and adds low-rank updates to the q and v thirds:
+their names, so state-dict keys stay Meta's / LiteMedSAM's) and adds low-rank updates to its q
+and v outputs: the first and last thirds for SAM's ViT (q | k | v), or the q and v slice of each
+head for TinyViT, whose output is laid out per head as [q, k, v] (``heads``):
 
   LoRA:  dq = B_q A_q x,            A (dim -> r, Kaiming-uniform), B (r -> dim, zeros)
   FacT:  dq = s V drop(C_q U x),    U (dim -> r) and V (r -> dim, zeros) shared by all blocks,
@@ -79,17 +81,20 @@ class FactCores(nn.Module):
 
 
 class AdaptedQkv(nn.Module):
-    """SAM's fused qkv projection with optional LoRA and FacT updates of q and v.
+    """A fused qkv projection with optional LoRA and FacT updates of q and v.
 
     Arguments:
       stock (nn.Linear): the block's ``attn.qkv``; its parameters are taken over, not copied.
+      heads (int or None): None = SAM's layout, q | k | v; a head count = TinyViT's, the output
+        of each head laid out as [q, k, v].
     """
 
-    def __init__(self, stock: nn.Linear) -> None:
+    def __init__(self, stock: nn.Linear, heads: int | None = None) -> None:
         super().__init__()
         self.in_features = stock.in_features
         self.out_features = stock.out_features
         self.dim = stock.in_features
+        self.heads = heads
         self.weight = stock.weight
         self.bias = stock.bias
         self.lora: LoraQV | None = None
@@ -102,33 +107,48 @@ class AdaptedQkv(nn.Module):
         self.fact = cores
         self._fact_shared = (shared,)
 
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(..., 3 * dim) in this layer's layout -> q, k, v, each (..., dim)."""
+        if self.heads is None:
+            return out.split(self.dim, dim=-1)
+        q, k, v = out.unflatten(-1, (self.heads, 3, -1)).unbind(-2)
+        return q.flatten(-2), k.flatten(-2), v.flatten(-2)
+
+    def join(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v, each (..., dim) -> (..., 3 * dim) in this layer's layout (``split``'s
+        inverse)."""
+        if self.heads is None:
+            return torch.cat((q, k, v), dim=-1)
+        parts = [t.unflatten(-1, (self.heads, -1)) for t in (q, k, v)]
+        return torch.stack(parts, dim=-2).flatten(-3)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., dim) -> (..., 3 * dim), q | k | v."""
+        """(..., dim) -> (..., 3 * dim), q, k, v in this layer's layout."""
         out = F.linear(x, self.weight, self.bias)
         if self.lora is None and self.fact is None:
             return out
-        q, k, v = out.split(self.dim, dim=-1)
+        q, k, v = self.split(out)
         if self.lora is not None:
             dq, dv = self.lora(x)
             q, v = q + dq, v + dv
         if self.fact is not None:
             dq, dv = self.fact(x, self._fact_shared[0])
             q, v = q + dq, v + dv
-        return torch.cat((q, k, v), dim=-1)
+        return self.join(q, k, v)
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` whose weight includes the LoRA/FacT updates (dropout off)."""
         weight = self.weight.detach().clone()
-        d = self.dim
         parts = []
         if self.lora is not None:
             parts.append(self.lora.delta_weights())
         if self.fact is not None:
             parts.append(self.fact.delta_weights(self._fact_shared[0]))
         for dq, dv in parts:
-            weight[:d] += dq.to(weight.dtype)
-            weight[2 * d :] += dv.to(weight.dtype)
+            # the weight's rows are the outputs: place dW_q and dW_v as the outputs are placed
+            delta = self.join(dq.t(), torch.zeros_like(dq.t()), dv.t()).t()
+            weight += delta.to(weight.dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         linear = linear.to(device=weight.device, dtype=weight.dtype)
         linear.weight.copy_(weight)
