@@ -307,7 +307,7 @@ def test_draws_depend_on_seed_epoch_and_key_only():
 
 
 def test_samed_rule_rotates_only_what_rot_flip_left_alone():
-    cfg = load_config(ROOT / "configs/samed.yaml").data.augment
+    cfg = load_config(ROOT / "configs/recipes/samed.yaml").data.augment
     draws = [draw_params(cfg, sample_generator(0, 0, f"k{i}")) for i in range(400)]
     # random_rot_flip always ends in a flip: a reflection (f in our canonical form)
     flipped = [d for d in draws if d.f]
@@ -472,7 +472,7 @@ def _worker(rank: int, port: int, shards: str, store: str, runs: str) -> None:
     semantic.semantic_step = recording_semantic
     semantic.SemanticTask.step = recording_semantic_task
     cfg = load_config(
-        ROOT / "configs/ma_sam.yaml",  # the authors' augmentation, on the tiny debug model
+        ROOT / "configs/recipes/ma_sam.yaml",  # the authors' augmentation, on the tiny debug model
         [
             f"run_dir={Path(runs) / 'stacks'}",
             f"data.volumes={store}",
@@ -552,20 +552,20 @@ def test_bad_values_name_the_key(override, message):
 def test_error_names_the_preset_file(tmp_path):
     preset = tmp_path / "mine.yaml"
     preset.write_text(
-        f"defaults: [{ROOT / 'configs/samed.yaml'}]\ndata:\n  augment:\n    mirror: 0.5\n"
+        f"defaults: [{ROOT / 'configs/recipes/samed.yaml'}]\ndata:\n  augment:\n    mirror: 0.5\n"
     )
     with pytest.raises(ConfigError, match=r"mine.yaml: unknown key 'data.augment.mirror'"):
         load_config(preset)
 
 
 def test_presets_augment_as_their_authors():
-    off = load_config(ROOT / "configs/sam_med2d.yaml").data.augment
+    off = load_config(ROOT / "configs/recipes/sam_med2d.yaml").data.augment
     assert not off.enabled and not load_config(ROOT / "configs/debug.yaml").data.augment.enabled
-    samed = load_config(ROOT / "configs/samed.yaml").data.augment
+    samed = load_config(ROOT / "configs/recipes/samed.yaml").data.augment
     assert (samed.rot_flip, samed.rotate, samed.rotate_deg) == (0.5, 0.5, 20.0)
     assert samed.rotate_exclusive
-    ma_sam = load_config(ROOT / "configs/ma_sam.yaml").data.augment
+    ma_sam = load_config(ROOT / "configs/recipes/ma_sam.yaml").data.augment
     assert (ma_sam.rot_flip, ma_sam.rotate, ma_sam.rotate_deg) == (0.5, 0.5, 15.0)
     assert ma_sam.gamma_invert and ma_sam.gamma_range == [0.5, 3.5]
-    autosam = load_config(ROOT / "configs/autosam.yaml").data.augment
+    autosam = load_config(ROOT / "configs/recipes/autosam.yaml").data.augment
     assert autosam.hflip == 0.5 and autosam.vflip == 0 and autosam.split_at_one

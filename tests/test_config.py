@@ -10,10 +10,12 @@ from configtree import ConfigError, dump_config, flatten, to_dict
 from samadapt.config import from_dict, load_config
 from sharding.files import atomic_write_text
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# The presets and profiles in configs/, and the paper recipes in configs/recipes/.
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml")) + sorted(CONFIG_DIR.glob("recipes/*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_every_preset_loads(path):
     cfg = load_config(path)
     # the input size and the stack depth are set once, in the model section
@@ -22,7 +24,7 @@ def test_every_preset_loads(path):
 
 
 def test_presets_derive_not_copy():
-    derived = load_config(CONFIGS[0].parent / "msa.yaml")
+    derived = load_config(CONFIG_DIR / "recipes/msa.yaml")
     assert derived.model.peft == ["msa_adapter"]
     assert derived.train.log_every == 50 and derived.train.mode == "interactive"  # sam_med2d.yaml
     assert derived.train.interaction_steps == 1  # its own value over sam_med2d.yaml's 9
@@ -30,7 +32,7 @@ def test_presets_derive_not_copy():
 
 def test_overrides_and_yaml_values():
     cfg = load_config(
-        CONFIGS[0].parent / "debug.yaml",
+        CONFIG_DIR / "debug.yaml",
         ["train.lr=3e-3", "model.peft=[lora, fact]", "train.steps=7", "tracking.uri="],
     )
     assert cfg.train.lr == 0.003 and cfg.model.peft == ["lora", "fact"] and cfg.train.steps == 7
@@ -38,7 +40,7 @@ def test_overrides_and_yaml_values():
 
 
 def test_round_trip(tmp_path):
-    cfg = load_config(CONFIGS[0].parent / "debug.yaml")
+    cfg = load_config(CONFIG_DIR / "debug.yaml")
     atomic_write_text(tmp_path / "c.yaml", dump_config(cfg))
     again = load_config(tmp_path / "c.yaml")
     assert to_dict(again) == to_dict(cfg) == to_dict(from_dict(to_dict(cfg)))
@@ -108,14 +110,14 @@ def test_round_trip(tmp_path):
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         overrides = [override] if isinstance(override, str) else list(override)
-        load_config(CONFIGS[0].parent / "debug.yaml", overrides)
+        load_config(CONFIG_DIR / "debug.yaml", overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_error_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("defaults: [%s]\ntrain:\n  lr: -1\n" % (CONFIGS[0].parent / "debug.yaml"))
+    bad.write_text("defaults: [%s]\ntrain:\n  lr: -1\n" % (CONFIG_DIR / "debug.yaml"))
     with pytest.raises(ConfigError, match=f"{bad}: train.lr must be > 0"):
         load_config(bad)
     missing = tmp_path / "m.yaml"
@@ -167,7 +169,7 @@ def test_error_names_the_file(tmp_path):
 )
 def test_edge_values_load(overrides):
     """The values that mean "all" / "none" / "default" stay valid."""
-    load_config(CONFIGS[0].parent / "debug.yaml", overrides)
+    load_config(CONFIG_DIR / "debug.yaml", overrides)
 
 
 # Combinations the trainer used to catch only when it started (pipeline.trainer.check_config).
@@ -213,7 +215,7 @@ COMBINATION_IDS = ["head", "mode", "clicks", "accum", "volumes", "low-res-cnn", 
 @pytest.mark.parametrize("overrides, message", COMBINATIONS, ids=COMBINATION_IDS)
 def test_impossible_combinations_fail_at_load(overrides, message):
     with pytest.raises(ConfigError) as err:
-        load_config(CONFIGS[0].parent / "debug.yaml", overrides)
+        load_config(CONFIG_DIR / "debug.yaml", overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -225,7 +227,7 @@ def test_commands_that_never_train_reject_combinations(
 ):
     from samadapt.cli import main
 
-    config = str(CONFIGS[0].parent / "debug.yaml")
+    config = str(CONFIG_DIR / "debug.yaml")
     args = [config, *overrides]
     if command == "export":
         args = [config, str(tmp_path / "state.pt"), str(tmp_path / "out.pt"), *overrides]
@@ -236,7 +238,7 @@ def test_commands_that_never_train_reject_combinations(
 
 def test_combination_error_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("defaults: [%s]\nmodel:\n  head: linear\n" % (CONFIGS[0].parent / "debug.yaml"))
+    bad.write_text("defaults: [%s]\nmodel:\n  head: linear\n" % (CONFIG_DIR / "debug.yaml"))
     with pytest.raises(ConfigError, match=f"^{bad}: model.head=linear is prompt-free"):
         load_config(bad)
     bad.write_text("eval:\n  clicks: 0\n")
@@ -251,7 +253,7 @@ def test_sharding_config_errors_through_samadapt_shard(tmp_path, capsys):
     corpus = tmp_path / "in"
     corpus.mkdir()
     args = ["--format", "nifti", str(corpus), str(tmp_path / "out"), "--config"]
-    args += [str(CONFIGS[0].parent / "debug.yaml"), "sharding.val_fraction=1.5"]
+    args += [str(CONFIG_DIR / "debug.yaml"), "sharding.val_fraction=1.5"]
     assert main(["shard", *args]) == 2
     err = capsys.readouterr().err
     assert (
@@ -303,7 +305,7 @@ def test_saved_run_config_holds_every_section(tmp_path):
     from configtree import from_dict as build_section
     from pipeline.config import PipelineConfig
 
-    cfg = load_config(CONFIGS[0].parent / "debug.yaml", ["launch.ranks=2", "model.slices=3"])
+    cfg = load_config(CONFIG_DIR / "debug.yaml", ["launch.ranks=2", "model.slices=3"])
     atomic_write_text(tmp_path / "config.yaml", dump_config(cfg))
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     sections = {"sharding", "data", "model", "train", "eval", "launch", "tracking"}

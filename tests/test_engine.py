@@ -291,7 +291,7 @@ def test_lr_schedule():
     assert lr_factor(5, train=poly) == pytest.approx(0.5**0.9)
     assert lr_factor(3, train=TrainConfig(steps=10)) == 1.0
     # SAMed: poly over decay_steps counted from the end of warm-up, longer than the run, which
-    # stops part-way down (configs/samed.yaml: a quarter of the peak at its last step)
+    # stops part-way down (configs/recipes/samed.yaml: a quarter of the peak at its last step)
     samed = TrainConfig(steps=14880, warmup_steps=250, schedule="poly", decay_steps=18600)
     assert lr_factor(250, train=samed) == 1.0
     assert lr_factor(1250, train=samed) == pytest.approx((1 - 1000 / 18600) ** 0.9)

@@ -175,8 +175,8 @@ def test_nine_steps_order_prompts_and_update_rule(small_shards, tmp_path):
     assert len(kinds) > 1
 
 
-# MSA's step (configs/msa.yaml) on the tiny model: one click, one mask, prompt encoder frozen,
-# BCE (pos_weight 2) alone, on the decoder's S/4 grid.
+# MSA's step (configs/recipes/msa.yaml) on the tiny model: one click, one mask, prompt encoder
+# frozen, BCE (pos_weight 2) alone, on the decoder's S/4 grid.
 MSA = [
     "model.multimask=false",
     "model.train_prompt_encoder=false",

@@ -60,7 +60,7 @@ HEAD_GROUPS = {
     "cnn": {"head"},
     "linear": {"head"},
 }
-# Each method alone, none (frozen encoder, as configs/autosam.yaml), pairs, all five.
+# Each method alone, none (frozen encoder, as configs/recipes/autosam.yaml), pairs, all five.
 PEFTS = [[m] for m in METHODS] + [[], ["lora", "adapter3d"], ["fact", "msa_adapter"], METHODS]
 
 

@@ -20,7 +20,7 @@ from pipeline.model.weights import lite_medsam_path
 from samadapt.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESET = ROOT / "configs/lite_medsam.yaml"
+PRESET = ROOT / "configs/recipes/lite_medsam.yaml"
 BOXES = torch.tensor([[60.0, 70.0, 180.0, 200.0], [10.0, 20.0, 90.0, 120.0]])
 
 
@@ -226,7 +226,7 @@ def test_model_info_shows_the_tiny_vit_table():
 
 
 def test_preset_trains_two_steps(small_shards, tmp_path):
-    """configs/lite_medsam.yaml through ``samadapt train`` at 64 px with random weights (the
+    """configs/recipes/lite_medsam.yaml through ``samadapt train`` at 64 px with random weights (the
     real file is 256 px; the shards here are 64): box prompts, one step each, the decoder and
     prompt encoder trained, the encoder not."""
     from pipeline.model import load_exported

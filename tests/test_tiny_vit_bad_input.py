@@ -16,7 +16,7 @@ from samadapt.cli import main
 from samadapt.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-LITE = str(ROOT / "configs/lite_medsam.yaml")
+LITE = str(ROOT / "configs/recipes/lite_medsam.yaml")
 DEBUG = str(ROOT / "configs/debug.yaml")
 
 

@@ -241,7 +241,7 @@ def test_real_lite_medsam_with_every_method():
     32 px (no tensor of the file depends on the size): the base model's output exactly, then
     two steps move the output and no encoder weight of the file (BatchNorm statistics
     included)."""
-    preset = load_config(ROOT / "configs/lite_medsam.yaml").model
+    preset = load_config(ROOT / "configs/recipes/lite_medsam.yaml").model
     plain = build_model(cfg=dataclasses.replace(preset, image_size=S)).eval()
     cfg = dataclasses.replace(preset, image_size=S, peft=ALL, adapter_init="zero", adapter3d_dim=32)
     model = build_model(cfg=cfg).train()
@@ -264,7 +264,7 @@ def test_real_lite_medsam_with_every_method():
 
 
 def test_model_info_shows_peft_on_tiny_vit(capsys):
-    preset = str(ROOT / "configs/lite_medsam.yaml")
+    preset = str(ROOT / "configs/recipes/lite_medsam.yaml")
     assert main(["model-info", preset, "model.peft=[lora,fact]"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0] == (

@@ -1,4 +1,5 @@
-"""Every training preset in configs/ runs ``samadapt train`` for a few steps on the tiny model.
+"""Every training preset in configs/ and every recipe in configs/recipes/ runs ``samadapt train``
+for a few steps on the tiny model.
 
 One test, parametrized over the presets: the preset's recipe values as loaded (what the YAML
 cites), then a short run with the same tiny-model overrides for all, through the command's own
@@ -211,7 +212,7 @@ CASES = {
         [],
         _quickstart,
     ),
-    "sam_med2d": Case(
+    "recipes/sam_med2d": Case(
         "small_shards",
         {"model.arch": "vit_b", "model.image_size": 256, "sharding.image_size": 256,
          "model.peft": ["sam_med2d_adapter"], "model.train_encoder": False,
@@ -223,21 +224,21 @@ CASES = {
         [],
         _sam_med2d,
     ),
-    "msa": Case(
+    "recipes/msa": Case(
         "small_shards",
         {"model.peft": ["msa_adapter"], "model.image_size": 1024, "data.batch_size": 32,
          "train.interaction_steps": 1, "train.log_every": 50, "train.mode": "interactive"},
         ["train.val_every=2", "eval.max_samples=4"],
         _msa,
     ),
-    "samed": Case(
+    "recipes/samed": Case(
         "small_shards",
         {"model.peft": ["lora"], "model.lora_rank": 4, "model.image_size": 512,
          "train.lr": 0.005, "train.poly_power": 0.9, "train.warmup_steps": 250},
         ["model.num_classes=6", "train.warmup_steps=1"],  # warm-up fits in the 2 steps
         _samed,
     ),
-    "ma_sam": Case(
+    "recipes/ma_sam": Case(
         "volumes",
         {"model.arch": "vit_h", "model.slices": 5, "model.fact_rank": 32,
          "model.progressive_upsampling": True, "model.class_token_init": "random",
@@ -248,7 +249,7 @@ CASES = {
          "train.steps=4", "train.warmup_steps=2", "train.decay_steps=6", "train.val_every=4"],
         _ma_sam,
     ),
-    "autosam": Case(
+    "recipes/autosam": Case(
         "small_shards",
         {"model.arch": "vit_b", "model.image_size": 224, "model.encoder_input_size": 1024,
          "model.head_decode": "per_class", "model.class_token_init": "random", "model.peft": [],
@@ -261,10 +262,15 @@ CASES = {
 
 
 def test_every_training_preset_is_a_case():
-    """A preset that trains (not a profile such as slurm.yaml, nor base.yaml) has a case here."""
+    """A preset that trains (not a profile such as slurm.yaml, nor base.yaml) has a case here,
+    and so has every recipe in configs/recipes/."""
+    configs = ROOT / "configs"
+    # brain_mri.yaml (the real-MRI quickstart) trains through the CLI on LiteMedSAM's real
+    # weights in tests/test_brain_mri.py
+    presets = {p.stem for p in configs.glob("*.yaml")} - {"base", "slurm", "brain_mri"}
+    recipes = {f"recipes/{p.stem}" for p in (configs / "recipes").glob("*.yaml")}
     # lite_medsam.yaml trains on LiteMedSAM's real weights: tests/test_tiny_vit.py runs it
-    presets = {p.stem for p in (ROOT / "configs").glob("*.yaml")} - {"base", "slurm", "lite_medsam"}
-    assert presets == set(CASES)
+    assert presets | recipes - {"recipes/lite_medsam"} == set(CASES)
 
 
 @pytest.mark.parametrize("preset", list(CASES))

@@ -2,7 +2,8 @@
 
 SAMed's recipe in 2D (LoRA + AutoSAM decoder from shards); SAMed's loss on the decoder's
 low-resolution grid, on a real engine; the 3D stack depth and the class count checked at start.
-The presets (configs/samed.yaml, ma_sam.yaml, autosam.yaml) run in tests/test_train_presets.py.
+The recipes (configs/recipes/samed.yaml, ma_sam.yaml, autosam.yaml, hu_xu_cnn.yaml) run in
+tests/test_train_presets.py.
 """
 
 from __future__ import annotations
