@@ -27,11 +27,11 @@ from samadapt.config import load_config
 
 S = SMALL_SIZE
 
-# The shared overrides: configs/debug.yaml's tiny model at 64 px over each preset's ViT, and a
-# short run (two steps of two images, no validation, a checkpoint at the end only; a small
-# shuffle buffer, or the reader decodes the whole corpus before the first batch).
+# The shared overrides: a short run at 64 px (two steps of two images, no validation, a
+# checkpoint at the end only; a small shuffle buffer, or the reader decodes the whole corpus
+# before the first batch). Before them, each case's model overrides: configs/debug.yaml's tiny
+# model over the preset's ViT unless the case says otherwise.
 TINY_RUN = [
-    *TINY_MODEL,
     f"model.image_size={S}",
     "data.batch_size=2",
     "data.num_workers=0",
@@ -164,6 +164,21 @@ def _ma_sam(run: Run) -> None:
     assert lr == pytest.approx([8e-4 * f for f in want], rel=1e-6)
 
 
+def _lite_medsam(run: Run) -> None:
+    # LiteMedSAM's TinyViT (random weights here) frozen: one box-prompted step per batch trains
+    # the prompt encoder and the mask decoder
+    assert run.params["model.arch"] == "tiny_vit"
+    assert all(torch.isfinite(torch.tensor(v)) for v in run.history("loss").values())
+    assert sorted(run.history("loss_step1")) == [1, 2] and not run.history("loss_step2")
+    assert run.history("first_prompt_point") == {1: 0.0, 2: 0.0}  # a box every time
+    assert sorted(run.history("bce")) == sorted(run.history("iou")) == [1, 2]
+    assert len(run.seen["decoder"]) == 2
+    assert run.seen["encoder"] and all(s[1:] == (3, S, S) for s in run.seen["encoder"])
+    assert any(n.startswith("mask_decoder.") for n in run.trained)
+    assert any(n.startswith("prompt_encoder.") for n in run.trained)
+    assert not any(n.startswith("image_encoder.") for n in run.trained)
+
+
 def _autosam(run: Run) -> None:
     # the encoder fed the images resized to encoder_input_size
     assert run.seen["encoder"] == [(2, 3, 2 * S, 2 * S)] * 2
@@ -193,6 +208,8 @@ class Case:
     extra: list[str]
     """Overrides after TINY_RUN; {top} is the shards' highest class id."""
     check: Callable[[Run], None]
+    model: list[str] | None = None
+    """Overrides that shrink the model, before TINY_RUN; None = TINY_MODEL (a tiny ViT)."""
 
 
 CASES = {
@@ -258,6 +275,18 @@ CASES = {
         [f"model.encoder_input_size={2 * S}", "model.num_classes={top}"],
         _autosam,
     ),
+    "recipes/lite_medsam": Case(
+        "small_shards",
+        {"model.arch": "tiny_vit", "model.checkpoint": "lite_medsam", "model.peft": [],
+         "model.image_size": 256, "model.pixel_norm": "unit", "model.multimask": False,
+         "data.mask_num": 1, "data.batch_size": 4, "data.box_from": "whole_mask",
+         "data.box_jitter": 5, "train.interaction_steps": 1, "train.first_prompt_box_prob": 1.0,
+         "train.loss.name": "bce_dice", "train.lr": 5e-5, "train.weight_decay": 0.01},
+        [],
+        _lite_medsam,
+        # the TinyViT itself, with random weights (the real file is 256 px; these shards are 64)
+        ["model.checkpoint=", "model.prompt_dim=32"],
+    ),
 }  # fmt: skip
 
 
@@ -269,8 +298,7 @@ def test_every_training_preset_is_a_case():
     # weights in tests/test_brain_mri.py
     presets = {p.stem for p in configs.glob("*.yaml")} - {"base", "slurm", "brain_mri"}
     recipes = {f"recipes/{p.stem}" for p in (configs / "recipes").glob("*.yaml")}
-    # lite_medsam.yaml trains on LiteMedSAM's real weights: tests/test_tiny_vit.py runs it
-    assert presets | recipes - {"recipes/lite_medsam"} == set(CASES)
+    assert presets | recipes == set(CASES)
 
 
 @pytest.mark.parametrize("preset", list(CASES))
@@ -285,7 +313,8 @@ def test_preset_trains_on_the_tiny_model(preset, request, tmp_path):
     source = request.getfixturevalue(case.data)
     run_dir = tmp_path / preset
     key = "data.volumes" if case.data == "volumes" else "data.shards"
-    argv = [str(config), f"run_dir={run_dir}", f"{key}={source}", *TINY_RUN]
+    model = TINY_MODEL if case.model is None else case.model
+    argv = [str(config), f"run_dir={run_dir}", f"{key}={source}", *model, *TINY_RUN]
     argv += [x.format(top=top) for x in case.extra]
     out = tmp_path / "seen.pt"
     mp.spawn(_watched_train, args=(argv, str(out)), nprocs=1, join=True)
