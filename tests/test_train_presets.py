@@ -185,6 +185,12 @@ def _autosam(run: Run) -> None:
     # one decoder sequence per image and class (background included), at the encoder's size / 4
     low = 2 * S // 4
     assert run.seen["decoder"] == [(True, (2, run.top + 1, low, low))] * 2
+    _acdc_loss(run)
+
+
+def _acdc_loss(run: Run) -> None:
+    """Hu & Xu's loss (AutoSAM and its CNN head): CE + Dice without the background, on the
+    logits resized to the input, for every class and the background."""
     assert len(run.seen["semantic_loss"]) == 2
     for shape, options, total, parts in run.seen["semantic_loss"]:
         assert shape == (2, run.top + 1, S, S)
@@ -195,6 +201,17 @@ def _autosam(run: Run) -> None:
             "ignore_background_in_dice": True,
         }
         assert total == pytest.approx(float(parts["ce"] + parts["dice"]), rel=1e-5)
+
+
+def _hu_xu_cnn(run: Run) -> None:
+    # the frozen encoder fed the images resized to encoder_input_size; SAM's decoder never runs
+    assert run.seen["encoder"] == [(2, 3, 2 * S, 2 * S)] * 2
+    assert run.seen["decoder"] == []
+    _acdc_loss(run)
+    # the CNN head alone trains: no encoder, prompt encoder or mask decoder weight
+    assert any(n.startswith("head.stem.") for n in run.trained)
+    assert all(n.startswith("head.") for n in run.trained), run.trained[:5]
+    assert run.params["model.head"] == "cnn"
 
 
 @dataclass
@@ -274,6 +291,17 @@ CASES = {
          "train.lr": 5e-4, "train.weight_decay": 0.0, "train.schedule": "constant"},
         [f"model.encoder_input_size={2 * S}", "model.num_classes={top}"],
         _autosam,
+    ),
+    "recipes/hu_xu_cnn": Case(
+        "small_shards",
+        {"model.arch": "vit_b", "model.head": "cnn", "model.image_size": 224,
+         "model.encoder_input_size": 1024, "model.peft": [], "model.train_encoder": False,
+         "model.pixel_norm": "unit", "model.num_classes": 3, "sharding.image_size": 224,
+         "data.batch_size": 4, "data.augment.split_at_one": True, "train.mode": "semantic",
+         "train.lr": 5e-4, "train.weight_decay": 0.0, "train.schedule": "constant",
+         "train.steps": 600, "train.semantic_dice_background": False},
+        [f"model.encoder_input_size={2 * S}", "model.num_classes={top}"],
+        _hu_xu_cnn,
     ),
     "recipes/lite_medsam": Case(
         "small_shards",
