@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,19 @@ from pipeline.distributed import DistEnv, device
 from pipeline.model.weights import WeightsError
 from pipeline.optim import PhaseGatedAdamW, build_optimizer, lr_factor
 from pipeline.process import keep_freed_host_memory
+from pipeline.safe_load import (
+    UnsafeFileError,
+    refuse_code,
+    refused,
+    safe_torch_load,
+    weights_only_loads,
+)
 
 __all__ = [
     "Engine",
     "build_engine",
     "deepspeed_config",
+    "deepspeed_globals",
     "init_distributed",
     "read_zero_checkpoint",
 ]
@@ -43,6 +52,20 @@ log = logging.getLogger(__name__)
 
 # DeepSpeed would print a throughput line every this many steps; we log our own.
 _NEVER = 2**31 - 1
+# Optimizer group keys set from the config (pipeline/optim.py), kept over a checkpoint load.
+_HYPER = ("base_lr", "lr", "weight_decay", "betas", "eps")
+
+
+def deepspeed_globals() -> list[Any]:
+    """The plain classes DeepSpeed 0.19 pickles into its checkpoint files, beside tensors and
+    builtins (read from real checkpoints at ZeRO 0-3, fp32 / bf16, with and without offload):
+    the loss scalers (``DynamicLossScaler`` with fp16), ``ZeroStageEnum`` and
+    ``fragment_address`` (two ints). The allow-list of ``weights_only`` loads of its files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def init_distributed(env: DistEnv, *, timeout_s: float = 1800.0) -> torch.device:
@@ -318,23 +341,42 @@ class Engine:
         )
 
     def load(self, ckpt_dir: str | Path) -> dict[str, Any]:
-        """Restore weights and optimizer state written by ``save`` (collective).
+        """Restore weights and optimizer state written by ``save`` (collective), running no
+        code from the files: a file naming anything outside ``deepspeed_globals()`` is refused
+        by name before loading starts, and DeepSpeed's own loads are held to ``weights_only``.
+        The optimizer's hyper-parameters stay the config's.
 
         Returns:
-          The ``client_state`` given to ``save``.
+          The ``client_state`` given to ``save``. Raises ``UnsafeFileError`` naming a file that
+          would run code.
         """
         ckpt_dir = Path(ckpt_dir)
-        path, client_state = self._ds.load_checkpoint(
-            str(ckpt_dir.parent),
-            tag=ckpt_dir.name,
-            # Frozen weights are not in the file unless train.save_frozen; they come from the
-            # model build (model.checkpoint).
-            load_module_strict=self.train_cfg.save_frozen,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
+        allowed = deepspeed_globals()
+        refuse_code(ckpt_dir, allowed)
+        # The optimizer's hyper-parameters are the config's, not the checkpoint's: DeepSpeed
+        # restores the saved param groups (lr, weight decay, betas, eps), which would silently
+        # undo a train.lr changed on resume. Its state (moments, step counts) is the checkpoint's.
+        keep = [
+            {key: group[key] for key in _HYPER if key in group}
+            for group in self.optimizer.param_groups
+        ]
+        try:
+            with weights_only_loads(allowed):
+                path, client_state = self._ds.load_checkpoint(
+                    str(ckpt_dir.parent),
+                    tag=ckpt_dir.name,
+                    # Frozen weights are not in the file unless train.save_frozen; they come
+                    # from the model build (model.checkpoint).
+                    load_module_strict=self.train_cfg.save_frozen,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=False,
+                )
+        except pickle.UnpicklingError as err:  # what the static check could not see
+            raise refused(ckpt_dir, err) from None
         if path is None:
             raise FileNotFoundError(f"{ckpt_dir}: DeepSpeed found no checkpoint to load there")
+        for group, ours in zip(self.optimizer.param_groups, keep, strict=True):
+            group.update(ours)
         return dict(client_state or {})
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -511,7 +553,7 @@ def _stage0_module(path: Path) -> dict[str, torch.Tensor] | None:
     # the (possibly large) model states file twice
     if not states.is_file() or any(path.glob("*zero_pp_rank_*")):
         return None
-    saved = torch.load(states, map_location="cpu", weights_only=False)
+    saved = safe_torch_load(states, allowed=deepspeed_globals())
     zero = (saved.get("ds_config") or {}).get("zero_optimization") or {}
     if int(zero.get("stage", 0)) != 0 or not saved.get("module"):
         return None
@@ -533,14 +575,22 @@ def read_zero_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     path = Path(path)
-    unpartitioned = _stage0_module(path)
+    allowed = deepspeed_globals()
+    try:
+        refuse_code(path, allowed)  # names the file before DeepSpeed opens any
+        unpartitioned = _stage0_module(path)
+    except UnsafeFileError as err:
+        raise WeightsError(str(err)) from None
     if unpartitioned is not None:
         return unpartitioned
     errors = []
     for folder, tag in ((path, None), (path.parent, path.name)):
         try:
-            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+            with weights_only_loads(allowed):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
             return {k: v for k, v in state.items()}
+        except pickle.UnpicklingError as exc:
+            raise WeightsError(str(refused(path, exc))) from None
         except Exception as exc:  # DeepSpeed raises several kinds
             errors.append(f"{folder} tag={tag}: {exc}")
     raise WeightsError(f"{path}: not a DeepSpeed checkpoint ({'; '.join(errors)})")

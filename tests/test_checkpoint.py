@@ -19,7 +19,15 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_engine import BATCH, PLAN, WORLD, groups, make_toy, spawn_env, train_cfg
+from test_engine import (
+    BATCH,
+    PLAN,
+    WORLD,
+    groups,
+    make_toy,
+    spawn_env,
+    train_cfg,
+)
 
 from configtree import ConfigError
 from launch.local import free_port
@@ -33,9 +41,11 @@ from pipeline.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from pipeline.checkpoint_marker import Marker, read_marker
 from pipeline.distributed import barrier
 from pipeline.engine import build_engine
 from pipeline.process import install_signal_handlers, should_stop
+from sharding.files import file_sha256
 
 STEPS = 7
 SAVE_AT = {2, 3, 4}
@@ -90,9 +100,16 @@ def run_steps(
 def weights(engine) -> list[torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return [
-        safe_get_full_fp32_param(p).clone() for p in engine.module.parameters() if p.requires_grad
-    ]
+    out = []
+    for p in engine.module.parameters():
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p)  # None at stage 0: the parameter is the master
+            out.append((engine._stage0_master(p) if full is None else full).detach().clone())
+    return out
+
+
+# C resumes B's checkpoint with other optimizer settings: the config's apply, not the saved ones.
+CHANGED = {"lr": 0.2, "weight_decay": 0.3, "adam_eps": 1e-6, "adam_betas": [0.8, 0.9]}
 
 
 def _resume_worker(rank: int, port: int, root: str, stages: list[int]) -> None:
@@ -141,6 +158,7 @@ def _resume_worker(rank: int, port: int, root: str, stages: list[int]) -> None:
         )
         path = resolve_resume("auto", run_dir)
         resumed = load_checkpoint(engine, path, generators={"data": gen})
+        loaded_b = weights(engine)
         data = {
             "samples": resumed.data_state["samples"],
             "workers": dict(resumed.data_state["workers"]),
@@ -150,6 +168,25 @@ def _resume_worker(rank: int, port: int, root: str, stages: list[int]) -> None:
         # The same step again (a stop signal right after a periodic save): kept as it is.
         again = save_checkpoint(engine, run_dir=run_dir, step=STEPS, data_state={}, keep=KEEP)
         assert again == checkpoint_dir(run_dir, STEPS)
+
+        # C: B's checkpoint with other optimizer settings: the weights are the checkpoint's, the
+        # hyper-parameters the config's (DeepSpeed alone would restore the saved ones).
+        model = make_toy()
+        engine_c = build_engine(
+            model=model,
+            param_groups=groups(model),
+            train=train_cfg(zero_stage=stage, steps=STEPS, warmup_steps=2, **CHANGED),
+            batch_size=BATCH,
+            env=env,
+        )
+        load_checkpoint(engine_c, path, generators={"data": torch.Generator()})
+        same_state = all(
+            torch.equal(a, b) for a, b in zip(weights(engine_c), loaded_b, strict=True)
+        )
+        hyper_c = [
+            {k: g[k] for k in ("phase", "base_lr", "weight_decay", "betas", "eps")}
+            for g in engine_c.optimizer.param_groups
+        ]
         if rank == 0:
             torch.save(
                 {
@@ -162,6 +199,8 @@ def _resume_worker(rank: int, port: int, root: str, stages: list[int]) -> None:
                     "data": resumed.data_state,
                     "run_id": resumed.run_id,
                     "extra": resumed.extra,
+                    "same_state_c": same_state,
+                    "hyper_c": hyper_c,
                 },
                 Path(root) / f"zero{stage}.pt",
             )
@@ -170,11 +209,14 @@ def _resume_worker(rank: int, port: int, root: str, stages: list[int]) -> None:
 @pytest.fixture(scope="module")
 def resumed_runs(tmp_path_factory) -> tuple[Path, dict[int, dict]]:
     root = tmp_path_factory.mktemp("ckpt")
-    mp.spawn(_resume_worker, args=(free_port(), str(root), [2, 3]), nprocs=WORLD, join=True)
-    return root, {stage: torch.load(root / f"zero{stage}.pt") for stage in (2, 3)}
+    mp.spawn(_resume_worker, args=(free_port(), str(root), STAGES), nprocs=WORLD, join=True)
+    return root, {stage: torch.load(root / f"zero{stage}.pt") for stage in STAGES}
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+STAGES = [0, 2, 3]
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_resume_is_bitwise_exact(resumed_runs, stage):
     root, runs = resumed_runs
     run = runs[stage]
@@ -190,7 +232,21 @@ def test_resume_is_bitwise_exact(resumed_runs, stage):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", STAGES)
+def test_optimizer_settings_changed_on_resume_apply(resumed_runs, stage):
+    """train.lr, weight decay, betas and eps changed on resume are the ones in force; the
+    weights still come from the checkpoint."""
+    _, runs = resumed_runs
+    run = runs[stage]
+    assert run["same_state_c"]
+    betas = tuple(CHANGED["adam_betas"])
+    assert run["hyper_c"] == [
+        {"phase": phase, "base_lr": 0.2, "weight_decay": 0.3, "betas": betas, "eps": 1e-6}
+        for phase in ("a", "b")
+    ]
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_retention_and_half_written(resumed_runs, stage):
     root, _ = resumed_runs
     run_dir = root / f"zero{stage}"
@@ -198,11 +254,19 @@ def test_retention_and_half_written(resumed_runs, stage):
     # keep=2: step 2 and 3 pruned; the junk folder of step 7 was replaced by B's real save.
     assert names == ["step-0000004", "step-0000007"]
     last = checkpoint_dir(run_dir, 7)
-    assert (last / COMPLETE).read_text() == "7\n"
+    # The marker names the step and vouches for every file of the folder (size, sha256).
+    marker = read_marker(last)
+    assert isinstance(marker, Marker) and marker.step == 7
+    on_disk = sorted(p.name for p in last.iterdir() if p.name != COMPLETE)
+    assert sorted(marker.files) == on_disk
+    for name, entry in marker.files.items():
+        assert entry["bytes"] == (last / name).stat().st_size
+        assert entry["sha256"] == file_sha256(last / name)
     assert not (last / "half-written").exists()
     assert sorted(p.name for p in last.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
     assert json.loads((last / "meta.json").read_text())["world_size"] == WORLD
-    own = torch.load(last / "rank-00001.pt", weights_only=False)
+    # plain values and tensors only: readable without running code
+    own = torch.load(last / "rank-00001.pt", weights_only=True)
     assert own["data"] == {"samples": STEPS * BATCH, "workers": {0: STEPS * BATCH}}
 
     # Take B's marker away: a half-written checkpoint is never picked.
