@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.utils.distributed import get_free_port
 
+from pipeline.redact import RedactFilter
+
 __all__ = [
     "DistEnv",
     "all_gather_object",
@@ -226,6 +228,7 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.Formatter("%(asctime)s %(levelname)s %(where)s%(name)s: %(message)s", "%H:%M:%S")
     )
     handler.addFilter(_MainRankFilter())
+    handler.addFilter(RedactFilter())  # no URI password in any line (MLflow's own included)
     handler._samadapt = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)

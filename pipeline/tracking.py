@@ -7,7 +7,9 @@ every call is a no-op, so the trainer calls it unconditionally. MLflow is import
 Default store: ``sqlite:///RUN_DIR/mlflow.db`` with artifacts in ``RUN_DIR/mlartifacts``, so no
 server is needed (MLflow 3's plain file store refuses to start without MLFLOW_ALLOW_FILE_STORE).
 Point ``tracking.uri`` at a shared sqlite file or a server to compare the runs of a sweep; they
-share ``tracking.experiment``.
+share ``tracking.experiment``. A password in the URI is masked (``pipeline.redact``) in every
+param, tag, log line and error the tracker writes; a store that cannot be reached or used is one
+``TrackingError`` line.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import Any
 
 from pipeline.config import TrackingConfig
 from pipeline.distributed import get_world_size, is_main
+from pipeline.redact import redact_uri
 
-__all__ = ["Tracker", "default_uri"]
+__all__ = ["Tracker", "TrackingError", "default_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,13 @@ def _git_commit() -> str | None:
 
 
 def _text(value: Any, limit: int) -> str:
-    text = value if isinstance(value, str) else str(value)
+    text = redact_uri(value if isinstance(value, str) else str(value))
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store of ``tracking.uri`` cannot be reached or used; one line, the URI's
+    password masked."""
 
 
 def _quiet_mlflow() -> None:
@@ -119,12 +127,29 @@ class Tracker:
         if not (self._main and cfg.enabled):
             return None
         _quiet_mlflow()
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.uri = cfg.uri or default_uri(run_dir)
+        try:
+            return self._start(cfg, run_dir, params, tags, resume_run_id)
+        except Exception as err:  # MLflow, SQLAlchemy, requests and driver errors alike
+            self._client = None
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            raise TrackingError(
+                redact_uri(f"tracking.uri={self.uri}: MLflow failed: {lines[0]}")
+            ) from None
+
+    def _start(
+        self,
+        cfg: TrackingConfig,
+        run_dir: Path,
+        params: Mapping[str, Any],
+        tags: Mapping[str, Any] | None,
+        resume_run_id: str | None,
+    ) -> str:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
         client = MlflowClient(tracking_uri=self.uri)
         all_tags = {**self._default_tags(), **(tags or {})}
         all_tags = {_text(k, _MAX_KEY): _text(v, _MAX_TAG_VALUE) for k, v in all_tags.items()}
@@ -135,7 +160,9 @@ class Tracker:
                 run = client.get_run(resume_run_id)
             except MlflowException:
                 log.warning(
-                    "MLflow run %s not found in %s; starting a new run", resume_run_id, self.uri
+                    "MLflow run %s not found in %s; starting a new run",
+                    resume_run_id,
+                    redact_uri(self.uri),
                 )
                 all_tags["samadapt.resumed_from"] = resume_run_id
         if run is None:
@@ -152,7 +179,7 @@ class Tracker:
         self._client = client
         self.run_id = run.info.run_id
         self._log_params(params, previous)
-        log.info("MLflow run %s in %s", self.run_id, self.uri)
+        log.info("MLflow run %s in %s", self.run_id, redact_uri(self.uri))
         return self.run_id
 
     @staticmethod
@@ -189,20 +216,30 @@ class Tracker:
         from mlflow.entities import Param
 
         fresh: list[Param] = []
-        changed: list[str] = []
+        changed: dict[str, str] = {}
         for key, value in params.items():
             key, text = _text(key, _MAX_KEY), _text(value, _MAX_PARAM_VALUE)
             if key not in previous:
                 fresh.append(Param(key, text))
             elif previous[key] != text:
-                changed.append(key)  # MLflow params are write-once
+                changed[key] = f"{previous[key]} -> {text}"
         for start in range(0, len(fresh), _PARAMS_PER_BATCH):
             self._client.log_batch(self.run_id, params=fresh[start : start + _PARAMS_PER_BATCH])
         if changed:
-            log.warning("params changed on resume (kept the first values): %s", changed)
+            # MLflow params are write-once: the run's first values stay; what is in force now is
+            # in RUN_DIR/config.yaml and in one tag per changed key.
+            log.info("params changed on resume, recorded as tags: %s", list(changed))
             self._client.set_tag(
-                self.run_id, "samadapt.params_changed_on_resume", _text(changed, _MAX_TAG_VALUE)
+                self.run_id,
+                "samadapt.params_changed_on_resume",
+                _text(list(changed), _MAX_TAG_VALUE),
             )
+            for key, text in changed.items():
+                self._client.set_tag(
+                    self.run_id,
+                    _text(f"samadapt.changed_on_resume.{key}", _MAX_KEY),
+                    _text(text, _MAX_TAG_VALUE),
+                )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log scalars (floats, ints or 0-d tensors) at a training step."""

@@ -33,6 +33,7 @@ from pipeline.model.base import needs_frozen
 from pipeline.model.weights import check_checkpoint
 from pipeline.overlay import write_overlays
 from pipeline.process import EXIT_REQUEUE, install_signal_handlers, should_stop
+from pipeline.redact import redact_uri
 from pipeline.tasks import NonFiniteLoss, build_task, task_class
 from pipeline.tracking import Tracker
 from sharding.files import atomic_write_text
@@ -145,11 +146,12 @@ class Trainer:
         cfg = self.cfg
         resumed = self._resume()
         if self.env.is_main:
-            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            # What is in force, credentials of URIs masked (the same in MLflow's params)
+            atomic_write_text(self.run_dir / "config.yaml", redact_uri(dump_config(cfg)))
         self.run_id = self.tracker.start(
             cfg=cfg.tracking,
             run_dir=self.run_dir,
-            params=flatten(cfg),
+            params=flatten(cfg),  # the tracker masks URI passwords in params and tags
             resume_run_id=resumed,
         )
         if self.tracker.active and self.step == 0:

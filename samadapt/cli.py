@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from configtree import ConfigError
+from pipeline.redact import RedactFilter, redact_uri
 from samadapt.config import Config, load_config
 
 __all__ = ["COMMANDS", "main", "parse_range", "sharding_overrides", "train_worker"]
@@ -152,7 +153,7 @@ def _shard(argv: list[str]) -> int:
 
 
 def _fail(command: str, message: object, code: int) -> int:
-    print(f"samadapt {command}: {message}", file=sys.stderr)
+    print(redact_uri(f"samadapt {command}: {message}"), file=sys.stderr)
     return code
 
 
@@ -529,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactFilter())  # no URI password in any log line
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -539,5 +542,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(COMMANDS[name][0](rest) or 0)
     except ConfigError as err:
-        print(f"samadapt {name}: config error: {err}", file=sys.stderr)
+        print(redact_uri(f"samadapt {name}: config error: {err}"), file=sys.stderr)
         return 2

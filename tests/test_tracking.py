@@ -116,3 +116,58 @@ def test_other_ranks_and_disabled_do_nothing(tmp_path):
     assert off.start(cfg=TrackingConfig(enabled=False), run_dir=tmp_path, params={}) is None
     off.log_text("x", "x.txt")
     assert not off.active and list(tmp_path.iterdir()) == []
+
+
+SECRET_URIS = {
+    "tracking.uri": "postgresql://user:secret1@db.example:5432/mlflow",
+    "tracking.artifact_location": "s3://key:secret2@bucket/runs",
+    "note": "pushed to https://user:p@ss-secret3@host.example/x and nowhere else",
+}
+
+
+def test_uri_passwords_are_masked_in_params_tags_logs_and_errors(tmp_path, monkeypatch, capsys):
+    """What the tracker writes to MLflow and says in errors and logs never holds a password."""
+    import logging
+
+    from pipeline.distributed import setup_logging
+    from pipeline.tracking import TrackingError
+
+    tracker = Tracker(main=True)
+    run_id = tracker.start(
+        cfg=TrackingConfig(),
+        run_dir=tmp_path,
+        params=SECRET_URIS,
+        tags={"note": SECRET_URIS["note"]},
+    )
+    tracker.end()
+    run = client(tmp_path).get_run(run_id)
+    assert run.data.params["tracking.uri"] == "postgresql://user:***@db.example:5432/mlflow"
+    assert run.data.params["tracking.artifact_location"] == "s3://key:***@bucket/runs"
+    assert run.data.tags["note"] == "pushed to https://user:***@host.example/x and nowhere else"
+    stored = [*run.data.params.values(), *run.data.tags.values()]
+    assert not any("secret" in value for value in stored)
+
+    # A store that cannot be reached: one line, its password masked (MLflow's message has it).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from launch.local import free_port
+
+    uri = f"http://user:secret4@127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError) as failed:
+        Tracker(main=True).start(cfg=TrackingConfig(uri=uri), run_dir=tmp_path, params={})
+    message = str(failed.value)
+    assert message.startswith(f"tracking.uri={uri.replace('secret4', '***')}: MLflow failed")
+    assert "secret" not in message and "\n" not in message
+
+    # Log lines: ours and any library's, through the handler every rank installs.
+    root = logging.getLogger()
+    before = list(root.handlers), root.level
+    try:
+        setup_logging()
+        logging.getLogger("sqlalchemy.x").warning("cannot reach %s", SECRET_URIS["tracking.uri"])
+        err = capsys.readouterr().err
+        assert "cannot reach postgresql://user:***@db.example:5432/mlflow" in err
+        assert "secret" not in err
+    finally:
+        root.handlers[:] = before[0]
+        root.setLevel(before[1])
