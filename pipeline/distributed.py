@@ -10,14 +10,20 @@ Pure functions over the environment, in the order launchers set it:
 - nothing: one process, rank 0 of 1.
 
 Nothing here imports submitit (that is ``launch/``'s job) or DeepSpeed: the process group is
-joined through DeepSpeed, by ``pipeline.engine.init_distributed``.
+joined through DeepSpeed, by ``pipeline.engine.init_distributed``, on the rendezvous store that
+``rendezvous_store`` makes. That store's server (rank 0) listens on the master address only,
+not on every interface as torch's ``env://`` rendezvous does; with a loopback master (local
+runs) the gloo / NCCL sockets stay on the loopback interface too (``keep_to_loopback``).
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import logging
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +45,8 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "is_main",
+    "keep_to_loopback",
+    "rendezvous_store",
     "setup_logging",
 ]
 
@@ -145,6 +153,73 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
         master_port=_int(env, "MASTER_PORT", 0) or get_free_port(),
         backend=backend,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def keep_to_loopback(env: DistEnv, environ: dict[str, str] | None = None) -> bool:
+    """With a loopback master address (every rank on this machine), have gloo and NCCL open
+    their sockets on the loopback interface (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``,
+    unless already set) instead of the interface of the host name.
+
+    Returns:
+      Whether the master address is a loopback address.
+    """
+    if not _is_loopback(env.master_addr):
+        return False
+    environ = os.environ if environ is None else environ
+    # Linux names the loopback interface "lo" (BSD and macOS "lo0")
+    names = [name for _, name in socket.if_nameindex() if name in ("lo", "lo0")]
+    if names:
+        environ.setdefault("GLOO_SOCKET_IFNAME", names[0])
+        environ.setdefault("NCCL_SOCKET_IFNAME", names[0])
+    return True
+
+
+def rendezvous_store(env: DistEnv, *, timeout_s: float) -> dist.TCPStore:
+    """The key-value store the ranks meet on: a ``TCPStore`` whose server (rank 0) listens on
+    ``MASTER_ADDR:MASTER_PORT`` only (torch's own would listen on every interface).
+
+    Arguments:
+      env: this process's ``DistEnv``.
+      timeout_s: how long a rank waits for the others (and for store operations).
+
+    Returns:
+      The store, for ``torch.distributed.init_process_group(store=...)``.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if env.rank != 0:
+        return dist.TCPStore(
+            env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout
+        )
+    family, _, _, _, address = socket.getaddrinfo(
+        env.master_addr, env.master_port, type=socket.SOCK_STREAM
+    )[0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError as err:
+        listener.close()
+        raise RuntimeError(
+            f"cannot listen on MASTER_ADDR={env.master_addr} port {env.master_port}: {err}"
+        ) from None
+    listener.listen(max(128, env.world_size))
+    # The store serves on this socket from now on; detach() hands the descriptor over, so
+    # Python never closes it under the store.
+    return dist.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world_size,
+        is_master=True,
+        timeout=timeout,
+        master_listen_fd=listener.detach(),
     )
 
 

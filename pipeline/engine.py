@@ -27,7 +27,7 @@ from torch import nn
 
 from configtree import ConfigError
 from pipeline.config import TrainConfig
-from pipeline.distributed import DistEnv, device
+from pipeline.distributed import DistEnv, device, keep_to_loopback, rendezvous_store
 from pipeline.model.weights import WeightsError
 from pipeline.optim import PhaseGatedAdamW, build_optimizer, lr_factor
 from pipeline.process import keep_freed_host_memory
@@ -73,7 +73,8 @@ def init_distributed(env: DistEnv, *, timeout_s: float = 1800.0) -> torch.device
 
     Exports the ``DistEnv`` as the torchrun variables (DeepSpeed and WebDataset's
     ``split_by_node`` read them), pins the GPU of this local rank, and is a no-op when the group
-    already exists.
+    already exists. The ranks meet on ``rendezvous_store``, whose server listens on the master
+    address only (loopback for local runs), and DeepSpeed wraps that group.
 
     Arguments:
       env: from ``dist_env()``.
@@ -101,6 +102,19 @@ def init_distributed(env: DistEnv, *, timeout_s: float = 1800.0) -> torch.device
     if not tdist.is_initialized():
         import deepspeed
 
+        # Our store (its server on the master address only) and group; DeepSpeed then wraps
+        # the group it finds instead of making its own on torch's env:// rendezvous.
+        keep_to_loopback(env)
+        store = rendezvous_store(env, timeout_s=timeout_s)
+        extra = {"device_id": dev} if dev.type == "cuda" and env.world_size > 1 else {}
+        tdist.init_process_group(
+            backend=env.backend,
+            store=store,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **extra,
+        )
         deepspeed.init_distributed(
             dist_backend=env.backend,
             auto_mpi_discovery=False,

@@ -7,6 +7,7 @@ whole run must match a plain PyTorch loop with the same gating.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -452,3 +453,28 @@ def test_logging_is_quiet_on_other_ranks(monkeypatch, capsys):
     finally:
         root.handlers[:] = before[0]
         root.setLevel(before[1])
+
+
+def _listening_worker(rank: int, port: int, out: str) -> None:
+    import psutil  # DeepSpeed's dependency
+
+    spawn_env(rank, port)  # the process group, as every training rank joins it
+    torch.distributed.barrier()  # every connection made: all sockets are open now
+    sockets = [
+        [c.laddr.ip, c.laddr.port]
+        for c in psutil.Process().net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
+    Path(out, f"rank{rank}.json").write_text(json.dumps(sockets))
+    torch.distributed.barrier()
+
+
+def test_rendezvous_listens_on_the_master_address_only(tmp_path):
+    """Local ranks (MASTER_ADDR=127.0.0.1): the store's server and gloo's sockets listen on the
+    loopback address, never on every interface (torch's env:// store would bind "::")."""
+    port = free_port()
+    mp.spawn(_listening_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    seen = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)}
+    assert [ip for ip, p in seen[0] if p == port] == ["127.0.0.1"]  # the store, on rank 0
+    for rank, sockets in seen.items():
+        assert sockets and all(ip == "127.0.0.1" for ip, _ in sockets), (rank, sockets)
