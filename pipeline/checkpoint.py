@@ -277,13 +277,15 @@ def latest_complete(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str, run_dir: str | Path, *, verify: bool = True) -> Path | None:
     """Turn ``train.resume`` into a checkpoint folder.
 
     Arguments:
       resume: ``""`` (fresh start), ``"auto"`` (latest complete checkpoint, or fresh when there is
         none), or a checkpoint folder, which must be complete.
       run_dir: the run directory.
+      verify: check the files against the marker (False: only that an explicit path is a
+        complete checkpoint folder; ``auto`` then picks the latest complete one).
 
     Returns:
       The folder to load, or None for a fresh start. Raises ``ConfigError`` naming
@@ -294,7 +296,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     if resume == "":
         return None
     if resume == "auto":
-        return _latest_intact(run_dir)
+        return _latest_intact(run_dir) if verify else latest_complete(run_dir)
     path = Path(resume)
     if not path.is_dir():
         raise ConfigError(f"train.resume: {path} is not a checkpoint folder")
@@ -303,7 +305,7 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
             f"train.resume: {path} has no {COMPLETE} marker (a half-written checkpoint); "
             "pick another or use resume=auto"
         )
-    damage = _damage(path)
+    damage = _damage(path) if verify else None
     if damage:
         raise CheckpointError(
             f"train.resume: checkpoint {path.name} is damaged: {damage}; pick another or use "

@@ -15,6 +15,11 @@ log = logging.getLogger(__name__)
 
 EXIT_NON_FINITE = 3
 """Exit code of a run stopped by a NaN/Inf loss (its last checkpoint is from before it)."""
+EXIT_BAD_INPUT = 2
+"""Exit code of a run stopped by a bad input named in one line: config, checkpoint, weights,
+shards, an unusable tracking store (the CLI's config errors exit 2 too)."""
+EXIT_STALLED = 4
+"""Exit code of a run whose data gave no batches (``TrainingStalled``)."""
 
 
 def run_rank(cfg: PipelineConfig) -> int:
@@ -25,11 +30,18 @@ def run_rank(cfg: PipelineConfig) -> int:
 
     Returns:
       The rank's exit code: 0 when training finished, ``EXIT_NON_FINITE`` after a NaN/Inf loss,
-      ``pipeline.process.EXIT_REQUEUE`` after a checkpoint on a preemption signal.
+      ``EXIT_BAD_INPUT`` after a bad input, ``EXIT_STALLED`` when the data gave no batches,
+      ``pipeline.process.EXIT_REQUEUE`` after a checkpoint on a preemption signal. Each
+      failure is one logged line naming the file, key or step, not a traceback.
     """
+    from configtree import ConfigError
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data.samples import SampleError
     from pipeline.distributed import cleanup, dist_env, setup_logging
     from pipeline.engine import init_distributed
-    from pipeline.trainer import NonFiniteLoss, Trainer
+    from pipeline.model.weights import WeightsError
+    from pipeline.tracking import TrackingError
+    from pipeline.trainer import NonFiniteLoss, Trainer, TrainingStalled
 
     setup_logging()
     env = dist_env()
@@ -39,5 +51,14 @@ def run_rank(cfg: PipelineConfig) -> int:
     except NonFiniteLoss as err:
         log.error("stopped: %s", err)
         return EXIT_NON_FINITE
+    except TrainingStalled as err:
+        log.error("stopped: %s", err)
+        return EXIT_STALLED
+    except ConfigError as err:
+        log.error("stopped: config error: %s", err)
+        return EXIT_BAD_INPUT
+    except (CheckpointError, WeightsError, SampleError, TrackingError) as err:
+        log.error("stopped: %s", err)
+        return EXIT_BAD_INPUT
     finally:
         cleanup()

@@ -22,65 +22,47 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from configtree import ConfigError, dump_config, flatten
-from pipeline.checkpoint import latest_complete, load_checkpoint, resolve_resume, save_checkpoint
+from configtree import dump_config, flatten
+from pipeline.checkpoint import (
+    latest_complete,
+    load_checkpoint,
+    read_meta,
+    resolve_resume,
+    save_checkpoint,
+)
 from pipeline.config import PipelineConfig
-from pipeline.data.shards import read_manifest
 from pipeline.distributed import DistEnv
 from pipeline.engine import build_engine
 from pipeline.model import build_model, export_trainable
 from pipeline.model.base import needs_frozen
-from pipeline.model.weights import check_checkpoint
 from pipeline.overlay import write_overlays
+from pipeline.preflight import check_config
 from pipeline.process import EXIT_REQUEUE, install_signal_handlers, should_stop
 from pipeline.redact import redact_uri
-from pipeline.tasks import NonFiniteLoss, build_task, task_class
+from pipeline.resume import Change, compare, resume_record
+from pipeline.tasks import NonFiniteLoss, build_task
 from pipeline.tracking import Tracker
 from sharding.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 
-__all__ = ["NonFiniteLoss", "Trainer", "check_config"]
+__all__ = ["NonFiniteLoss", "Trainer", "TrainingStalled", "check_config"]
 
 
-def check_config(cfg: PipelineConfig, *, weights: bool = True) -> None:
-    """What the config alone cannot tell (the data is there, its classes fit the head, the run
-    directory is not another run's, model.checkpoint fits the model) fails here, before anything
-    is built, naming the key or the file (``ConfigError``, ``WeightsError``).
+class TrainingStalled(RuntimeError):
+    """The data stream gives no batches: training cannot make progress."""
 
-    Arguments:
-      cfg: the run's config.
-      weights: check model.checkpoint against the model (False where the model is built and
-        the file loaded, with the same checks, right after).
-    """
-    # Combinations of keys are checked when the config is built (pipeline.config.PipelineConfig).
-    if not cfg.data.shards and not cfg.data.volumes:
-        raise ConfigError("data.shards is empty: point it at the output of samadapt shard")
-    if not cfg.data.volumes:
-        # The input size is the model's; the shards must have been written at it. Checked here
-        # too (the loaders check it again) so that it fails before any rank starts.
-        read_manifest(
-            cfg.data.shards,
-            split=cfg.data.train_split,
-            image_size=cfg.model.image_size,
-            check_files=False,
-        )
-    task_class(cfg.train.mode).check(cfg)
-    if weights:
-        check_checkpoint(cfg.model)  # memory-mapped, against the model on the meta device
-    existing = None if cfg.train.resume else latest_complete(cfg.run_dir)
-    if existing is not None:
-        # Never overwrite a run's checkpoints by starting it again from scratch.
-        raise ConfigError(
-            f"run_dir {cfg.run_dir} already holds checkpoint {existing.name}: pass "
-            "train.resume=auto to continue that run, or choose another run_dir"
-        )
+
+# Epochs in a row that may give no batch before the run stops: with equal batches per rank
+# (pipeline/data/stream.py) one is already a split without samples, but a loop must not spin.
+EMPTY_EPOCHS = 3
 
 
 class Trainer:
     def __init__(self, cfg: PipelineConfig, env: DistEnv):
-        check_config(cfg, weights=False)  # build_model loads model.checkpoint with those checks
+        # build_model loads model.checkpoint right after, with the same checks
+        check_config(cfg, world_size=env.world_size, weights=False)
         self.cfg = cfg
         self.env = env
         self.run_dir = Path(cfg.run_dir)
@@ -113,15 +95,30 @@ class Trainer:
     # -- data ----------------------------------------------------------------------------------
 
     def _batches(self):
-        """Endless batches; (epoch, batches_in_epoch) is the exact data position."""
+        """Endless batches; (epoch, batches_in_epoch) is the exact data position. Raises
+        ``TrainingStalled`` after ``EMPTY_EPOCHS`` epochs in a row without a batch (sooner
+        after a stop signal: no step would come to notice it)."""
+        empty = 0
         while True:
             loader = self.task.loader(self.epoch)
             it = iter(loader)
             for _ in range(self.batches_in_epoch):  # resume: replay the consumed part
                 next(it)
+            fresh = self.batches_in_epoch == 0
             for batch in it:
                 self.batches_in_epoch += 1
                 yield batch
+            if fresh and self.batches_in_epoch == 0:
+                empty += 1
+                if empty >= EMPTY_EPOCHS or self.stop_flag:
+                    raise TrainingStalled(
+                        f"{empty} epochs in a row (up to epoch {self.epoch}) gave no batch from "
+                        f"split {self.cfg.data.train_split!r} of "
+                        f"{self.cfg.data.shards or self.cfg.data.volumes} at step {self.step}: "
+                        "nothing to train on"
+                    )
+            else:
+                empty = 0
             self.epoch += 1
             self.batches_in_epoch = 0
 
@@ -269,19 +266,36 @@ class Trainer:
             data_state=self.data_state(),
             run_id=self.run_id,
             generators=self.generators,
+            config=resume_record(self.cfg.train),
             keep=self.cfg.train.keep_checkpoints,
         )
 
     def _resume(self) -> str | None:
-        path = resolve_resume(self.cfg.train.resume, self.run_dir)
+        path = resolve_resume(self.cfg.train.resume, self.run_dir)  # verified (collective)
         if path is None:
             return None
+        # A key the checkpoint's files depend on must not change: refused before loading.
+        changes = compare(read_meta(path).get("config", {}), self.cfg.train, where=path)
         resumed = load_checkpoint(self.engine, path, generators=self.generators)
         self.step = resumed.step
         self.epoch = int(resumed.data_state["epoch"])
         self.batches_in_epoch = int(resumed.data_state["batches_in_epoch"])
         self.untrained = dict(resumed.data_state.get("untrained", {}))
+        self._log_changes(changes)
         return resumed.run_id
+
+    def _log_changes(self, changes: list[Change]) -> None:
+        """Say which optimisation keys differ from the checkpoint's: they apply from here on."""
+        if not self.env.is_main:
+            return
+        for change in changes:
+            log.warning(
+                "%s changed on resume: %s -> %s, in force from step %d",
+                change.key,
+                change.saved,
+                change.now,
+                self.step,
+            )
 
     def _summary(self, metrics: dict[str, float]) -> None:
         """The last lines of a run: the model's validation Dice beside the trivial answers'."""

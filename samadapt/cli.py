@@ -239,10 +239,11 @@ def _train(argv: list[str]) -> int:
     args = _train_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # fail here, before any process starts
     from pipeline.model import WeightsError
-    from pipeline.trainer import check_config
+    from pipeline.preflight import check_config
 
     try:
-        check_config(cfg)  # the base checkpoint too: a file that does not fit is one line
+        # the base checkpoint too: a file that does not fit is one line
+        check_config(cfg, world_size=cfg.launch.ranks * cfg.launch.nodes)
     except WeightsError as err:
         return _fail("train", err, 2)
     if cfg.launch.mode == "local" and cfg.launch.ranks == 1:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,10 @@ def test_bad_inputs_give_one_line(run_dir, tmp_path, capsys):
     # a split the shards do not have: the manifest and the split are named
     err = _one_line(capsys, [config, ckpt, "--split", "test"])
     assert "manifest.json" in err and "'test'" in err
+    # a checkpoint with a truncated file: named from the COMPLETE marker's sizes, nothing loaded
+    damaged = tmp_path / "damaged" / "step-0000002"
+    shutil.copytree(ckpt, damaged)
+    optim = next(damaged.glob("*optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[:100])
+    err = _one_line(capsys, [config, str(damaged), *FAST])
+    assert f"damaged checkpoint: {optim}: 100 bytes" in err

@@ -92,6 +92,7 @@ def _check_export_config(cfg: PipelineConfig, model: SamAdapt, path: Path) -> No
 
 def _from_checkpoint(cfg: PipelineConfig, path: Path) -> Loaded:
     from pipeline.checkpoint import COMPLETE, META
+    from pipeline.checkpoint_marker import find_damage, read_marker
     from pipeline.engine import read_zero_checkpoint  # DeepSpeed stays behind the engine
 
     if not (path / COMPLETE).is_file():
@@ -99,6 +100,12 @@ def _from_checkpoint(cfg: PipelineConfig, path: Path) -> Loaded:
             f"{path}: not a complete training checkpoint (no {COMPLETE} marker; expected "
             "RUN_DIR/checkpoints/step-N)"
         )
+    marker = read_marker(path)
+    damage = (
+        f"{path / COMPLETE}: unreadable marker" if marker is None else find_damage(path, marker)
+    )
+    if damage:
+        raise WeightsError(f"{path}: damaged checkpoint: {damage}")
     state = read_zero_checkpoint(path)
     model = base_model(cfg)
     wanted = set(model.trainable_names)

@@ -118,6 +118,11 @@ def read_state_dict(path: str | os.PathLike, *, mmap: bool = False) -> dict[str,
       dict[str, torch.Tensor]: keys without a ``module.`` prefix.
     """
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(
+            f"{path} is a folder, not a weights file (a training checkpoint folder is resumed "
+            "with train.resume or exported with samadapt export)"
+        )
     if not path.is_file():
         raise WeightsError(f"{path}: checkpoint file not found")
     obj = load_torch_file(path, "checkpoint", mmap=mmap)
