@@ -229,10 +229,11 @@ def load_checkpoint(
             "resume with the same launch.ranks x launch.nodes"
         )
     try:
-        # Our own file holds tensors and plain values only (no allow-list); the DeepSpeed files
-        # are the engine's to check, with DeepSpeed's classes on their allow-list.
-        own = safe_torch_load(_rank_file(ckpt, rank))
+        # The engine first: it refuses any file of the folder that would run code, ours too, on
+        # every rank alike (a rank refusing alone would leave the others in a collective).
         engine.load(ckpt)
+        # Ours holds tensors and plain values only: no allow-list at all.
+        own = safe_torch_load(_rank_file(ckpt, rank))
     except UnsafeFileError as err:
         raise CheckpointError(str(err)) from None
     # RNG last: nothing after this may draw random numbers before training continues.
