@@ -2,9 +2,10 @@
 
 ``check_config`` runs in ``samadapt train`` before any rank starts (and again in each rank): the
 config alone cannot tell that the shards hold samples of the splits it names, that
-``model.checkpoint`` is a weights file, that ``train.resume`` fits this run, or that the run
-directory is not another run's. Each problem is one ``ConfigError`` line naming the key, so the
-command ends with ``samadapt train: config error: ...`` and exit code 2, never a traceback.
+``model.checkpoint`` fits the model, that ``train.resume`` fits this run, or that the run
+directory is not another run's. Each problem is one line and exit code 2, never a traceback:
+``samadapt train: config error: ...`` naming the key (``ConfigError``), or, for the base
+checkpoint, ``samadapt train: FILE: ...`` (``WeightsError``).
 """
 
 from __future__ import annotations
